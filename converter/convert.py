@@ -1,0 +1,208 @@
+"""``smartbin-convert``: checkpoint -> int8 TFLite bundle, with a float/int8 parity gate.
+
+Calibrates on training images of the checkpoint's own split, measures float and int8 on the
+val and test sides with the edge runtime's preprocessing, refuses the bundle when int8 val
+accuracy falls more than ``--max-drop`` points below float, and writes the bundle with its
+metrics in the manifest and a full report beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_service.bundle import load_bundle, write_bundle
+from edge_service.model import TFLiteClassifier
+from edge_service.preprocess import Preprocessing, prepare
+from trainer.data import SPLITS, Sample, load_source, select
+from trainer.evaluate import classification_report, plot_confusion
+from trainer.model import build_from_checkpoint
+from trainer.train import eval_tensor, predict
+
+logger = logging.getLogger(__name__)
+SUMMARY_KEYS = ("accuracy", "macro_f1", "ece", "count")
+
+
+class ParityError(RuntimeError):
+    """The int8 model lost more accuracy than allowed."""
+
+
+def calibration_images(
+    samples: list[Sample], spec: Preprocessing, count: int, seed: int
+) -> list[np.ndarray]:
+    """``count`` training images, drawn with a fixed seed, prepared as the bin prepares them."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(samples), size=min(count, len(samples)), replace=False)
+    return [prepare(samples[i].data, spec) for i in sorted(chosen)]
+
+
+def int8_probabilities(classifier: TFLiteClassifier, samples: list[Sample]) -> np.ndarray:
+    spec = classifier.bundle.preprocessing
+    return np.stack([classifier.probabilities(prepare(s.data, spec)) for s in samples])
+
+
+def measure(
+    model: torch.nn.Module,
+    classifier: TFLiteClassifier,
+    sides: dict[str, list[Sample]],
+    labels: list[str],
+) -> dict[str, Any]:
+    """Float and int8 reports for each side, and how often their top-1 answers agree."""
+    spec = classifier.bundle.preprocessing
+    report: dict[str, Any] = {"float": {}, "int8": {}, "agreement": {}}
+    for side, samples in sides.items():
+        inputs, targets = eval_tensor(samples, spec)
+        float_probs = predict(model, inputs, torch.device("cpu"))
+        int8_probs = int8_probabilities(classifier, samples)
+        report["float"][side] = classification_report(float_probs, targets.numpy(), labels)
+        report["int8"][side] = classification_report(int8_probs, targets.numpy(), labels)
+        report["agreement"][side] = float((float_probs.argmax(1) == int8_probs.argmax(1)).mean())
+    return report
+
+
+def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures that travel in the manifest (the full report sits beside it)."""
+    metrics: dict[str, Any] = {
+        kind: {side: {k: report[kind][side][k] for k in SUMMARY_KEYS} for side in report[kind]}
+        for kind in ("float", "int8")
+    }
+    metrics["agreement"] = report["agreement"]
+    return metrics
+
+
+def check_parity(report: dict[str, Any], max_drop_points: float) -> None:
+    float_acc = report["float"]["val"]["accuracy"]
+    int8_acc = report["int8"]["val"]["accuracy"]
+    drop = (float_acc - int8_acc) * 100
+    if drop > max_drop_points:
+        raise ParityError(
+            f"int8 val accuracy {int8_acc:.2%} is {drop:.2f} points below float "
+            f"{float_acc:.2%}, more than the allowed {max_drop_points} points: "
+            "try more calibration images (--calibration-images) or another backbone"
+        )
+
+
+def convert(
+    checkpoint_path: Path,
+    out: Path,
+    data: str | None = None,
+    calibration_count: int = 200,
+    max_drop: float = 1.0,
+    version: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Build the bundle at ``out``; raises ParityError, writing nothing, when int8 falls short."""
+    from converter.tflite import export_float, quantize_int8
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    labels = list(checkpoint["labels"])
+    spec = Preprocessing.from_dict(checkpoint["preprocessing"])
+    model = build_from_checkpoint(checkpoint)
+    image_set = load_source(data or checkpoint["data"])
+    split = checkpoint["split"]
+    sides = {side: select(image_set, split, side) for side in SPLITS}
+
+    started = time.time()
+    float_model = export_float(model, spec.input_size)
+    int8_model = quantize_int8(
+        float_model, calibration_images(sides["train"], spec, calibration_count, seed)
+    )
+    logger.info("converted in %.1f s", time.time() - started)
+    checkpoint_sha = hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
+    version = version or f"{time.strftime('%Y.%m.%d')}-{checkpoint['arch']}-{checkpoint_sha[:8]}"
+    source = {
+        "checkpoint": checkpoint_path.name,
+        "checkpoint_sha256": checkpoint_sha,
+        "data": str(checkpoint["data"]),
+        "split_fingerprint": split["fingerprint"],
+        "calibration_images": min(calibration_count, len(sides["train"])),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "bundle"
+        bundle = write_bundle(
+            staging, int8_model, labels, spec, version, "int8", checkpoint["arch"], source=source
+        )
+        report = measure(
+            model, TFLiteClassifier(bundle), {"val": sides["val"], "test": sides["test"]}, labels
+        )
+        report["model_bytes"] = {"float32": len(float_model), "int8": len(int8_model)}
+        check_parity(report, max_drop)
+        write_bundle(
+            staging,
+            int8_model,
+            labels,
+            spec,
+            version,
+            "int8",
+            checkpoint["arch"],
+            metrics=manifest_metrics(report),
+            source=source,
+        )
+        (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        for kind in ("float", "int8"):
+            plot_confusion(
+                report[kind]["test"], labels, staging / f"confusion_{kind}_test.png", f"{kind} test"
+            )
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(staging, out)
+    load_bundle(out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="checkpoint.pt written by smartbin-train")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument(
+        "--data",
+        help="images of the checkpoint's split (default: the path or "
+        "hub id recorded in the checkpoint)",
+    )
+    parser.add_argument("--calibration-images", type=int, default=200)
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        default=1.0,
+        help="largest allowed int8 val accuracy drop, in percentage points",
+    )
+    parser.add_argument("--version", help="bundle version (default: date-arch-checkpoint hash)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = convert(
+            args.checkpoint,
+            args.out,
+            args.data,
+            args.calibration_images,
+            args.max_drop,
+            args.version,
+            args.seed,
+        )
+    except ParityError as err:
+        sys.exit(f"smartbin-convert: parity gate failed: {err}")
+    for kind in ("float", "int8"):
+        print(
+            f"{kind:>6}: val {report[kind]['val']['accuracy']:.2%}  "
+            f"test {report[kind]['test']['accuracy']:.2%}"
+        )
+    print(
+        f"agreement: val {report['agreement']['val']:.2%}  test {report['agreement']['test']:.2%}"
+    )
+    print(f"bundle: {args.out} ({report['model_bytes']['int8'] / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Prometheus metrics of one service instance, in a registry of its own.
+
+Names follow Prometheus conventions: a ``smartbin_`` prefix, base units, ``_total`` on counters,
+``_info`` for metadata, and only low-cardinality labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Latency buckets from 1 ms to 10 s: a Pi 4 runs an int8 MobileNet in ~20 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServiceMetrics:
+    """All metrics the service exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "smartbin_requests",
+            "gRPC calls by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "smartbin_request_seconds",
+            "gRPC call latency in the server",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "smartbin_stage_seconds",
+            "time per classification stage (capture, decode, preprocess, inference)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "smartbin_inference_seconds",
+            "model invoke latency",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.classifications = Counter(
+            "smartbin_classifications", "answers by best label", ["label"], registry=r
+        )
+        self.unsure = Counter(
+            "smartbin_unsure", "answers below the confidence threshold", registry=r
+        )
+        self.confidence = Histogram(
+            "smartbin_confidence",
+            "best score of each answer",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Info("smartbin_model", "the model bundle being served", registry=r)
+        self.model_loaded_timestamp = Gauge(
+            "smartbin_model_loaded_timestamp_seconds",
+            "when the served model was loaded",
+            registry=r,
+        )
+        self.build_info = Info(
+            "smartbin_build", "versions of the service, API and bundle format", registry=r
+        )

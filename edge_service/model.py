@@ -1,0 +1,89 @@
+"""Runs a bundle's .tflite model with the LiteRT interpreter (tflite-runtime as a fallback)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_service.bundle import Bundle
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:  # older Pis: the tflite-runtime wheel has the same API
+    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+
+
+class TFLiteClassifier:
+    """One loaded bundle: turns prepared pixels into ranked label probabilities.
+
+    The interpreter is built once; a lock serialises calls because an interpreter holds one
+    set of tensors.
+    """
+
+    def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
+        self.bundle = bundle
+        threads = num_threads or os.cpu_count() or 1
+        self._interpreter = Interpreter(model_path=str(bundle.model_path), num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self._lock = threading.Lock()
+        expected = (1, bundle.preprocessing.input_size, bundle.preprocessing.input_size, 3)
+        if tuple(self._input["shape"]) != expected:
+            raise ValueError(
+                f"model input shape {tuple(self._input['shape'])} does not match "
+                f"the manifest's preprocessing {expected}"
+            )
+        classes = int(self._output["shape"][-1])
+        if classes != len(bundle.labels):
+            raise ValueError(
+                f"model has {classes} outputs but the manifest lists {len(bundle.labels)} labels"
+            )
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(self._input["dtype"])
+
+    def _quantize_input(self, pixels: np.ndarray) -> np.ndarray:
+        scale, zero_point = self._input["quantization"]
+        if self.input_dtype == np.float32:
+            return pixels.astype(np.float32)[np.newaxis]
+        info = np.iinfo(self.input_dtype)
+        quantized = np.round(pixels.astype(np.float32) / scale) + zero_point
+        return np.clip(quantized, info.min, info.max).astype(self.input_dtype)[np.newaxis]
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Raw (dequantised) model outputs for one uint8 HWC image."""
+        tensor = self._quantize_input(pixels)
+        with self._lock:
+            self._interpreter.set_tensor(self._input["index"], tensor)
+            self._interpreter.invoke()
+            raw = self._interpreter.get_tensor(self._output["index"])[0].copy()
+        scale, zero_point = self._output["quantization"]
+        if scale:
+            return (raw.astype(np.float32) - zero_point) * scale
+        return raw.astype(np.float32)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        logits = self.logits(pixels)
+        exp = np.exp(logits - logits.max())
+        return exp / exp.sum()
+
+    def rank(self, probabilities: np.ndarray, top_k: int = 0) -> list[Prediction]:
+        """Labels ranked best first; ``top_k`` 0 keeps all."""
+        order = np.argsort(-probabilities, kind="stable")
+        if top_k:
+            order = order[:top_k]
+        return [Prediction(self.bundle.labels[i], float(probabilities[i])) for i in order]

@@ -1,0 +1,304 @@
+"""The gRPC Classifier service: Classify, GetModelInfo, health, reflection and /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+
+from edge_service.bundle import BUNDLE_FORMAT_VERSION, BundleError, load_bundle
+from edge_service.config import ServiceConfig, load_config
+from edge_service.const import API_VERSION, service_version
+from edge_service.metrics import ServiceMetrics
+from edge_service.model import Prediction, TFLiteClassifier
+from edge_service.preprocess import ImageDecodeError, decode_image, resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+T = TypeVar("T")
+
+
+def counted(method: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Count a unary handler's calls by final status code and time them."""
+
+    def wrap(handler: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(handler)
+        def wrapper(self: ClassifierServicer, request: Any, context: grpc.ServicerContext) -> T:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return handler(self, request, context)
+            except Exception:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                self.metrics.requests.labels(method, code.name).inc()
+                self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
+        return wrapper
+
+    return wrap
+
+
+def predictions_pb(predictions: list[Prediction]) -> list[classifier_pb2.Prediction]:
+    return [classifier_pb2.Prediction(label=p.label, score=p.score) for p in predictions]
+
+
+class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
+    """Answers the smartbin.v1.Classifier RPCs from the loaded bundle."""
+
+    def __init__(
+        self, classifier: TFLiteClassifier, config: ServiceConfig, metrics: ServiceMetrics
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.classifier = classifier
+        self._publish_model_info(classifier)
+
+    def _publish_model_info(self, classifier: TFLiteClassifier) -> None:
+        bundle = classifier.bundle
+        self.metrics.model_info.info(
+            {
+                "version": bundle.version,
+                "sha256": bundle.sha256[:12],
+                "architecture": bundle.architecture,
+                "quantization": bundle.quantization,
+                "labels": str(len(bundle.labels)),
+            }
+        )
+        self.metrics.model_loaded_timestamp.set_to_current_time()
+
+    @counted("Classify")
+    def Classify(
+        self, request: classifier_pb2.ClassifyRequest, context: grpc.ServicerContext
+    ) -> classifier_pb2.ClassifyResponse:
+        # One read of the reference: a call finishes on the model it started with.
+        classifier = self.classifier
+        labels = len(classifier.bundle.labels)
+        if request.top_k > labels:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"top_k is {request.top_k} but the model has {labels} labels: "
+                f"use 0 (all) to {labels}",
+            )
+        started = time.perf_counter()
+        try:
+            image = decode_image(
+                request.image,
+                self.config.max_pixels,
+                min_size=classifier.bundle.preprocessing.resize_size,
+            )
+        except ImageDecodeError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        decoded = time.perf_counter()
+        pixels = resize_and_crop(image, classifier.bundle.preprocessing)
+        prepared = time.perf_counter()
+        probabilities = classifier.probabilities(pixels)
+        inferred = time.perf_counter()
+        ranked = classifier.rank(probabilities, request.top_k)
+        timings = classifier_pb2.StageTimings(
+            decode_seconds=decoded - started,
+            preprocess_seconds=prepared - decoded,
+            inference_seconds=inferred - prepared,
+            total_seconds=inferred - started,
+        )
+        unsure = self._record_answer(ranked[0], timings)
+        return classifier_pb2.ClassifyResponse(
+            predictions=predictions_pb(ranked),
+            model_version=classifier.bundle.version,
+            timings=timings,
+            unsure=unsure,
+        )
+
+    def _record_answer(self, best: Prediction, timings: classifier_pb2.StageTimings) -> bool:
+        stage = self.metrics.stage_seconds
+        stage.labels("decode").observe(timings.decode_seconds)
+        stage.labels("preprocess").observe(timings.preprocess_seconds)
+        stage.labels("inference").observe(timings.inference_seconds)
+        self.metrics.inference_seconds.observe(timings.inference_seconds)
+        self.metrics.classifications.labels(best.label).inc()
+        self.metrics.confidence.observe(best.score)
+        unsure = best.score < self.config.confidence_threshold
+        if unsure:
+            self.metrics.unsure.inc()
+        return unsure
+
+    @counted("GetModelInfo")
+    def GetModelInfo(
+        self, request: classifier_pb2.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> classifier_pb2.ModelInfo:
+        return model_info_pb(self.classifier)
+
+
+def model_info_pb(classifier: TFLiteClassifier) -> classifier_pb2.ModelInfo:
+    bundle = classifier.bundle
+    size = bundle.preprocessing.input_size
+    return classifier_pb2.ModelInfo(
+        labels=list(bundle.labels),
+        input_height=size,
+        input_width=size,
+        quantization=bundle.quantization,
+        model_version=bundle.version,
+        model_sha256=bundle.sha256,
+        metrics=bundle.flat_metrics(),
+        manifest_json=json.dumps(bundle.manifest),
+        service_version=service_version(),
+        bundle_format_version=BUNDLE_FORMAT_VERSION,
+        api_version=API_VERSION,
+    )
+
+
+@dataclass
+class RunningService:
+    """A started service; ``stop()`` shuts it down in order."""
+
+    server: grpc.Server
+    port: int
+    metrics_port: int
+    health: health.HealthServicer
+    servicer: ClassifierServicer
+    metrics: ServiceMetrics
+    _http: Any
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let calls in flight finish, then close the ports."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self._http.shutdown()
+
+
+def create_server(config: ServiceConfig) -> RunningService:
+    """Load the bundle, bind the gRPC and metrics ports and start serving.
+
+    Raises:
+        BundleError: the configured bundle cannot be served.
+        OSError: a port is already taken.
+    """
+    bundle = load_bundle(config.bundle)
+    classifier = TFLiteClassifier(bundle, config.num_threads)
+    metrics = ServiceMetrics()
+    metrics.build_info.info(
+        {
+            "version": service_version(),
+            "api_version": API_VERSION,
+            "bundle_format": str(BUNDLE_FORMAT_VERSION),
+        }
+    )
+    http_server, _ = start_http_server(
+        config.metrics_port, config.metrics_host, registry=metrics.registry
+    )
+    metrics_port = http_server.server_address[1]
+
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
+    )
+    servicer = ClassifierServicer(classifier, config, metrics)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as err:
+        http_server.shutdown()
+        raise OSError(f"cannot bind gRPC port {config.host}:{config.port}: {err}") from err
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info(
+        "serving model %s (%s) on gRPC port %d, metrics on port %d",
+        bundle.version,
+        bundle.architecture,
+        port,
+        metrics_port,
+    )
+    return RunningService(
+        server, port, metrics_port, health_servicer, servicer, metrics, http_server
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve a smartbin model bundle over gRPC.")
+    parser.add_argument("--config", type=Path, help="YAML file of settings (see ServiceConfig)")
+    parser.add_argument("--bundle", type=Path, help="model bundle folder")
+    parser.add_argument("--host", help="gRPC bind address")
+    parser.add_argument("--port", type=int, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
+    parser.add_argument("--num-threads", type=int, help="interpreter threads")
+    parser.add_argument(
+        "--validate-config",
+        action="store_true",
+        help="check the configuration and bundle, then exit 0 or 1",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(
+            args.config,
+            bundle=args.bundle,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            num_threads=args.num_threads,
+        )
+        if args.validate_config:
+            load_bundle(config.bundle)
+            print("configuration and bundle are valid")
+            return
+        service = create_server(config)
+    except (ValidationError, ValueError, BundleError) as err:
+        sys.exit(f"smartbin-serve: {err}")
+    except OSError as err:
+        logger.error("%s", err)
+        sys.exit(f"smartbin-serve: port in use or not available: {err}")
+    stopped = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %d: draining calls for up to %.1f s", signum, config.grace_seconds)
+        service.stop(config.grace_seconds)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    logger.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

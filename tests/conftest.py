@@ -1,0 +1,120 @@
+"""Shared fixtures: real images, a real tiny trained-and-converted bundle, a real server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from edge_service.config import ServiceConfig
+from edge_service.server import RunningService, create_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRASHNET = ROOT.parent / "shared" / "data" / "trashnet"
+SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
+TINY_SIZE = 96
+
+
+def synthetic_class_images(folder: Path, name: str, count: int, seed: int) -> None:
+    """Photos a test can make: a coloured shape per class on a light background."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    hue = tuple(int(v) for v in rng.integers(0, 255, 3))
+    for i in range(count):
+        image = Image.new("RGB", (160, 120), tuple(int(v) for v in rng.integers(200, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        x, y = (int(v) for v in rng.integers(10, 60, 2))
+        shape = draw.ellipse if seed % 2 else draw.rectangle
+        shape((x, y, x + 60 + i % 20, y + 40), fill=hue)
+        image.save(folder / f"{name}{i}.jpg", quality=90)
+
+
+def make_tiny_dataset(root: Path, per_class: int = 12) -> Path:
+    """A few real TrashNet photos per class when available, else synthetic ones."""
+    if SHARED_TRASHNET.is_dir():
+        for class_dir in sorted(p for p in SHARED_TRASHNET.iterdir() if p.is_dir()):
+            (root / class_dir.name).mkdir(parents=True)
+            for path in sorted(class_dir.glob("*.jpg"))[:per_class]:
+                shutil.copy(path, root / class_dir.name / path.name)
+    else:
+        for index, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+            synthetic_class_images(root / name, name, per_class, seed=index)
+    return root
+
+
+def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
+    """Run the real trainer and converter CLIs' code paths; return the bundle folder."""
+    from converter.convert import convert
+    from trainer.train import parse_args, run
+
+    argv = [
+        "--data",
+        str(data),
+        "--img-size",
+        str(TINY_SIZE),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--out",
+        str(work),
+        "--name",
+        "run",
+        "--no-mlflow",
+    ]
+    if SHARED_WEIGHTS.is_file():
+        argv += ["--weights", str(SHARED_WEIGHTS)]
+    checkpoint = run(parse_args(argv))
+    bundle = work / "bundle"
+    convert(checkpoint, bundle, calibration_count=16, max_drop=100.0, version="tiny-test")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_and_convert(tiny_data, tmp_path_factory.mktemp("train"))
+
+
+def local_config(bundle: Path, **overrides: object) -> ServiceConfig:
+    settings = {
+        "bundle": bundle,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
+        "num_threads": 1,
+    }
+    settings.update(overrides)
+    return ServiceConfig(**settings)
+
+
+@pytest.fixture
+def service(tiny_bundle: Path) -> Iterator[RunningService]:
+    running = create_server(local_config(tiny_bundle))
+    yield running
+    running.stop(grace=1)
+
+
+@pytest.fixture
+def channel(service: RunningService) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as chan:
+        yield chan
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

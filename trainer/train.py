@@ -1,0 +1,414 @@
+"""``smartbin-train``: fine-tune an ImageNet-pretrained timm model on labelled photos.
+
+Every run writes a folder: args.yaml, split.json (with its fingerprint), summary.csv (one row per
+epoch), curves.png, confusion_*.png, report.json and checkpoint.pt. The checkpoint carries the
+class list, the preprocessing and the split, so the converter needs nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from edge_service.preprocess import Preprocessing, decode_image, prepare
+from trainer.data import SPLITS, Sample, load_source, make_split_manifest, select
+from trainer.evaluate import classification_report, plot_confusion
+from trainer.model import PixelClassifier, create_classifier, default_preprocessing
+
+logger = logging.getLogger(__name__)
+
+
+def camera_augmentation(size: int) -> v2.Compose:
+    """Augmentation for photos from other bins: framing, orientation, light, colour, focus."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomApply([v2.RandomRotation(25)], p=0.5),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.05)], p=0.8),
+            v2.RandomGrayscale(0.05),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
+        ]
+    )
+
+
+class TrainImages(Dataset):
+    """Training photos decoded once (uint8 CHW), augmented on every read."""
+
+    def __init__(self, samples: list[Sample], size: int) -> None:
+        # Decode at about twice the model input: crops stay sharp and memory stays small.
+        self.images = [
+            torch.from_numpy(np.array(decode_image(s.data, min_size=2 * size)))
+            .permute(2, 0, 1)
+            .contiguous()
+            for s in samples
+        ]
+        self.labels = [s.label for s in samples]
+        self.transform = camera_augmentation(size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]).float(), self.labels[index]
+
+
+def eval_tensor(samples: list[Sample], spec: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation inputs through the edge runtime's own preprocessing (NCHW float 0..255)."""
+    pixels = np.stack([prepare(s.data, spec) for s in samples])
+    return (
+        torch.from_numpy(pixels).permute(0, 3, 1, 2).float(),
+        torch.tensor([s.label for s in samples]),
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """Softmax probabilities for a stack of eval inputs."""
+    model.eval()
+    out = [
+        model(inputs[i : i + batch_size].to(device)).float().softmax(1).cpu()
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return torch.cat(out).numpy()
+
+
+@dataclass
+class Split:
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", type=Path, help="YAML file of defaults for the flags")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[config_parser])
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="image folder (one sub-folder per class) or a datasets hub id "
+        "such as garythung/trashnet",
+    )
+    parser.add_argument("--arch", default="mobilenetv2_100", help="timm model name")
+    parser.add_argument("--weights", type=Path, help="ImageNet state_dict file to start from")
+    parser.add_argument(
+        "--hub-pretrained",
+        action="store_true",
+        help="download timm's pretrained weights instead (needs internet)",
+    )
+    parser.add_argument("--img-size", type=int, help="model input size (default: timm's)")
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new head")
+    parser.add_argument("--body-lr", type=float, default=3e-4, help="learning rate of the body")
+    parser.add_argument("--weight-decay", type=float, default=0.02)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=6,
+        help="stop after this many epochs without a better val accuracy",
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, help="stop after the epoch that passes this much training time"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    parser.add_argument("--split", type=Path, help="reuse this split.json instead of making one")
+    parser.add_argument(
+        "--limit-per-class", type=int, help="use at most N images per class per side (quick runs)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="where run folders go")
+    parser.add_argument("--name", help="run folder name (default: arch and time)")
+    parser.add_argument(
+        "--mlflow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log to MLflow (MLFLOW_TRACKING_URI, else a store in --out)",
+    )
+    args, _ = config_parser.parse_known_args(argv)
+    if args.config:
+        parser.set_defaults(**yaml.safe_load(args.config.read_text()))
+    return parser.parse_args(argv)
+
+
+def _limit(samples: list[Sample], per_class: int | None) -> list[Sample]:
+    if not per_class:
+        return samples
+    counts: dict[int, int] = {}
+    kept = []
+    for sample in samples:
+        if counts.get(sample.label, 0) < per_class:
+            counts[sample.label] = counts.get(sample.label, 0) + 1
+            kept.append(sample)
+    return kept
+
+
+def _optimizer(model: PixelClassifier, args: argparse.Namespace) -> torch.optim.Optimizer:
+    head = list(model.backbone.get_classifier().parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    return torch.optim.AdamW(
+        [{"params": body, "lr": args.body_lr}, {"params": head, "lr": args.lr}],
+        weight_decay=args.weight_decay,
+    )
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: nn.Module,
+    device: torch.device,
+    progress: Any,
+) -> dict[str, float]:
+    model.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    for inputs, targets in progress(loader):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(inputs)
+            loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += len(targets)
+        correct += int((logits.argmax(1) == targets).sum())
+        loss_sum += loss.item() * len(targets)
+    return {"train_loss": loss_sum / total, "train_accuracy": correct / total}
+
+
+def _progress(desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda it: it
+    return lambda it: tqdm(it, desc=desc, leave=False)
+
+
+def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
+    left.legend()
+    right.plot(epochs, [r["train_accuracy"] for r in rows], label="train accuracy")
+    right.plot(epochs, [r["val_accuracy"] for r in rows], label="val accuracy")
+    right.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class RunLog:
+    """summary.csv rows, and MLflow when available and wanted."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
+        self.folder = folder
+        self.rows: list[dict[str, float]] = []
+        self.mlflow = None
+        if args.mlflow:
+            try:
+                import mlflow
+            except ImportError:
+                logger.info("mlflow is not installed; logging to %s only", folder)
+            else:
+                import os
+
+                if not os.environ.get("MLFLOW_TRACKING_URI"):
+                    # A local file store needs no server; mlflow-skinny has no SQL backend.
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                    mlflow.set_tracking_uri((args.out / "mlruns").resolve().as_uri())
+                mlflow.set_experiment("smartbin")
+                mlflow.start_run(run_name=folder.name)
+                mlflow.log_params({k: str(v) for k, v in vars(args).items()})
+                self.mlflow = mlflow
+
+    def epoch(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        with (self.folder / "summary.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if self.mlflow:
+            self.mlflow.log_metrics(
+                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+            )
+
+    def finish(self, metrics: dict[str, float]) -> None:
+        _plot_curves(self.rows, self.folder / "curves.png")
+        if self.mlflow:
+            self.mlflow.log_metrics(metrics)
+            for name in ("curves.png", "confusion_test.png", "report.json", "split.json"):
+                if (self.folder / name).exists():
+                    self.mlflow.log_artifact(str(self.folder / name))
+            self.mlflow.end_run()
+
+
+def load_split(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], Split]:
+    image_set = load_source(args.data)
+    if args.split:
+        manifest = json.loads(args.split.read_text())
+    else:
+        manifest = make_split_manifest(image_set, seed=args.seed)
+    sides = {
+        name: _limit(select(image_set, manifest, name), args.limit_per_class) for name in SPLITS
+    }
+    return image_set.classes, manifest, Split(**sides)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train, evaluate on val and test, write the run folder; returns the checkpoint path."""
+    torch.manual_seed(args.seed)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    classes, manifest, split = load_split(args)
+    spec = default_preprocessing(args.arch, args.img_size)
+    folder = args.out / (args.name or f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "args.yaml").write_text(
+        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    )
+    (folder / "split.json").write_text(json.dumps(manifest, indent=1))
+    logger.info(
+        "classes %s; train %d, val %d, test %d images; %s on %s",
+        classes,
+        len(split.train),
+        len(split.val),
+        len(split.test),
+        args.arch,
+        device,
+    )
+
+    model = create_classifier(args.arch, len(classes), spec, args.weights, args.hub_pretrained).to(
+        device
+    )
+    loader = DataLoader(
+        TrainImages(split.train, spec.input_size),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(split.train) > args.batch_size,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    val_inputs, val_targets = eval_tensor(split.val, spec)
+    optimizer = _optimizer(model, args)
+    scheduler = _schedule(optimizer, args.epochs * len(loader), warmup=len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    log = RunLog(folder, args)
+    best, best_epoch, best_state = -1.0, 0, None
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+    for epoch in range(1, args.epochs + 1):
+        started = time.time()
+        row = train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            device,
+            _progress(f"epoch {epoch}/{args.epochs}"),
+        )
+        val_probs = predict(model, val_inputs, device)
+        row.update(
+            epoch=epoch,
+            val_accuracy=float((val_probs.argmax(1) == val_targets.numpy()).mean()),
+            seconds=time.time() - started,
+        )
+        log.epoch(row)
+        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        if row["val_accuracy"] > best:
+            best, best_epoch = row["val_accuracy"], epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= args.patience:
+            logger.info("no better val accuracy for %d epochs: stopping", args.patience)
+            break
+        if time.time() > deadline:
+            logger.info("time limit of %s minutes reached: stopping", args.max_minutes)
+            break
+
+    model.load_state_dict(best_state)
+    reports = {}
+    for name, samples in (("val", split.val), ("test", split.test)):
+        inputs, targets = eval_tensor(samples, spec)
+        reports[name] = classification_report(
+            predict(model, inputs, device), targets.numpy(), classes
+        )
+        plot_confusion(reports[name], classes, folder / f"confusion_{name}.png", f"float {name}")
+    (folder / "report.json").write_text(json.dumps(reports, indent=1))
+    checkpoint = folder / "checkpoint.pt"
+    torch.save(
+        {
+            "arch": args.arch,
+            "labels": classes,
+            "preprocessing": spec.to_dict(),
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "split": manifest,
+            "data": args.data,
+            "best_epoch": best_epoch,
+            "metrics": {
+                n: {k: r[k] for k in ("accuracy", "macro_f1", "ece")} for n, r in reports.items()
+            },
+        },
+        checkpoint,
+    )
+    log.finish({"best_val_accuracy": best, "test_accuracy": reports["test"]["accuracy"]})
+    logger.info(
+        "best epoch %d: val %.4f, test %.4f -> %s",
+        best_epoch,
+        best,
+        reports["test"]["accuracy"],
+        checkpoint,
+    )
+    return checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

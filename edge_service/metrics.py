@@ -63,6 +63,26 @@ class ServiceMetrics:
             "when the served model was loaded",
             registry=r,
         )
+        self.camera_up = Gauge(
+            "smartbin_camera_up", "1 while the camera delivers frames", registry=r
+        )
+        self.camera_errors = Counter(
+            "smartbin_camera_errors", "failed camera opens or reads", registry=r
+        )
+        self.triggers = Counter(
+            "smartbin_triggers",
+            "capture triggers by source (gpio, motion, rpc) and outcome (accepted, debounced)",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "smartbin_events_dropped", "events a slow watcher lost", registry=r
+        )
+        self.watchers = Gauge("smartbin_watchers", "open WatchEvents streams", registry=r)
+        self.reloads = Counter(
+            "smartbin_model_reloads", "model reloads by outcome", ["outcome"], registry=r
+        )
+        self.in_flight = Gauge("smartbin_in_flight_requests", "gRPC calls being served", registry=r)
         self.build_info = Info(
             "smartbin_build", "versions of the service, API and bundle format", registry=r
         )

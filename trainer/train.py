@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -130,7 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-minutes", type=float, help="stop after the epoch that passes this much training time"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training run")
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the train/val/test split"
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.998,
+        help="keep an exponential moving average of the weights, evaluated and "
+        "saved in place of the raw weights (0 turns it off)",
+    )
     parser.add_argument("--split", type=Path, help="reuse this split.json instead of making one")
     parser.add_argument(
         "--limit-per-class", type=int, help="use at most N images per class per side (quick runs)"
@@ -191,6 +202,7 @@ def train_one_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     progress: Any,
+    ema: Any = None,
 ) -> dict[str, float]:
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
@@ -203,6 +215,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         total += len(targets)
         correct += int((logits.argmax(1) == targets).sum())
         loss_sum += loss.item() * len(targets)
@@ -286,7 +300,7 @@ def load_split(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], Spl
     if args.split:
         manifest = json.loads(args.split.read_text())
     else:
-        manifest = make_split_manifest(image_set, seed=args.seed)
+        manifest = make_split_manifest(image_set, seed=args.split_seed)
     sides = {
         name: _limit(select(image_set, manifest, name), args.limit_per_class) for name in SPLITS
     }
@@ -339,6 +353,7 @@ def run(args: argparse.Namespace) -> Path:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     log = RunLog(folder, args)
     best, best_epoch, best_state = -1.0, 0, None
+    ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
     for epoch in range(1, args.epochs + 1):
         started = time.time()
@@ -350,8 +365,10 @@ def run(args: argparse.Namespace) -> Path:
             loss_fn,
             device,
             _progress(f"epoch {epoch}/{args.epochs}"),
+            ema,
         )
-        val_probs = predict(model, val_inputs, device)
+        evaluated = ema.module if ema is not None else model
+        val_probs = predict(evaluated, val_inputs, device)
         row.update(
             epoch=epoch,
             val_accuracy=float((val_probs.argmax(1) == val_targets.numpy()).mean()),
@@ -361,7 +378,7 @@ def run(args: argparse.Namespace) -> Path:
         logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
         if row["val_accuracy"] > best:
             best, best_epoch = row["val_accuracy"], epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
         elif epoch - best_epoch >= args.patience:
             logger.info("no better val accuracy for %d epochs: stopping", args.patience)
             break

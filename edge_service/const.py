@@ -5,11 +5,14 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
+from smartbin.v1 import classifier_pb2
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE_DIR = PACKAGE_DIR / "default_bundle"
 SAMPLES_DIR = PACKAGE_DIR / "samples"
 
-API_VERSION = "smartbin.v1"
+# The API version is the proto package (stated once, in classifier.proto).
+API_VERSION: str = classifier_pb2.DESCRIPTOR.package
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9108
 

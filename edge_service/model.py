@@ -14,7 +14,7 @@ from edge_service.bundle import Bundle
 try:
     from ai_edge_litert.interpreter import Interpreter
 except ImportError:  # older Pis: the tflite-runtime wheel has the same API
-    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+    from tflite_runtime.interpreter import Interpreter
 
 logger = logging.getLogger(__name__)
 

@@ -92,8 +92,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, min_size: int = 0) -
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return _to_rgb(ImageOps.exif_transpose(image))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as err:

@@ -47,7 +47,8 @@ def counted(method: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             try:
                 return handler(self, request, context)
             except Exception:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                # grpcio has had ServicerContext.code() since 1.38; types-grpcio lacks it.
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
                 raise
             finally:
                 self.metrics.requests.labels(method, code.name).inc()

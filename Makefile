@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs proto
+.PHONY: demo test lint docs proto release compare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,20 @@ test: lint docs
 
 proto: $(VENV)/.dev-installed
 	$(BIN)/python proto/generate.py
+
+# The shipped default model from the images: train with the release recipe, convert, measure.
+# About 3 hours on 2 CPU cores; minutes on a GPU (the trainer uses CUDA when present).
+TRASHNET ?= ../shared/data/trashnet
+release: $(VENV)/.dev-installed
+	$(BIN)/smartbin-train --config trainer/recipes/release.yaml --data $(TRASHNET) --out runs --name release
+	$(BIN)/smartbin-convert runs/release/checkpoint.pt --out runs/release/bundle
+	$(BIN)/smartbin-compare runs/release/bundle
+
+# The backbone comparison of docs/models.md: each recipe trained, converted and timed here.
+COMPARE_RECIPES ?= mobilenetv2_100 tf_efficientnet_lite0
+compare: $(VENV)/.dev-installed
+	for recipe in $(COMPARE_RECIPES); do \
+	  $(BIN)/smartbin-train --config trainer/recipes/$$recipe.yaml --data $(TRASHNET) --out runs --name $$recipe && \
+	  $(BIN)/smartbin-convert runs/$$recipe/checkpoint.pt --out runs/$$recipe/bundle || exit 1; \
+	done
+	$(BIN)/smartbin-compare $(foreach r,$(COMPARE_RECIPES),runs/$(r)/bundle) --json runs/compare.json

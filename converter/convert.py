@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from converter.shifts import SHIFTS, shifted
 from edge_service.bundle import load_bundle, write_bundle
 from edge_service.model import TFLiteClassifier
 from edge_service.preprocess import Preprocessing, prepare
@@ -71,6 +72,17 @@ def measure(
     return report
 
 
+def measure_shifted(classifier: TFLiteClassifier, samples: list[Sample]) -> dict[str, float]:
+    """int8 accuracy on the test photos under each camera shift, and their mean."""
+    targets = np.array([s.label for s in samples])
+    accuracy = {}
+    for shift in SHIFTS:
+        moved = [Sample(s.key, s.label, shifted(s.data, shift)) for s in samples]
+        accuracy[shift] = float((int8_probabilities(classifier, moved).argmax(1) == targets).mean())
+    accuracy["mean"] = float(np.mean(list(accuracy.values())))
+    return accuracy
+
+
 def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The headline figures that travel in the manifest (the full report sits beside it)."""
     metrics: dict[str, Any] = {
@@ -78,6 +90,7 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
         for kind in ("float", "int8")
     }
     metrics["agreement"] = report["agreement"]
+    metrics["int8"]["test_shifted"] = report["int8_test_shifted"]
     return metrics
 
 
@@ -136,6 +149,7 @@ def convert(
         report = measure(
             model, TFLiteClassifier(bundle), {"val": sides["val"], "test": sides["test"]}, labels
         )
+        report["int8_test_shifted"] = measure_shifted(TFLiteClassifier(bundle), sides["test"])
         report["model_bytes"] = {"float32": len(float_model), "int8": len(int8_model)}
         check_parity(report, max_drop)
         write_bundle(

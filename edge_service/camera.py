@@ -62,7 +62,9 @@ class PiCamera:
         try:
             camera = Picamera2(self.config.index)
             size = (self.config.width, self.config.height)
-            camera.configure(camera.create_preview_configuration(main={"size": size}))
+            # queue=False: a capture waits for the next frame rather than take a queued one.
+            config = camera.create_preview_configuration(main={"size": size}, queue=False)
+            camera.configure(config)
             camera.start()
         except Exception as err:  # libcamera raises RuntimeError, IndexError, OSError...
             raise CameraError(f"picamera2 camera {self.config.index} did not start: {err}") from err

@@ -17,7 +17,11 @@ class _Section(BaseModel):
 
 class _CameraCommon(_Section):
     frame_interval_seconds: float = Field(
-        0.2, gt=0.0, le=10.0, description="time between frames the bin looks at"
+        0.2,
+        ge=0.0,
+        le=10.0,
+        description="time between frames the bin looks at; 0: as fast as the camera delivers "
+        "(for network streams, which queue up frames that are read more slowly)",
     )
     capture_timeout_seconds: float = Field(
         3.0, gt=0.0, description="longest wait for a fresh frame after a trigger"
@@ -67,7 +71,7 @@ class GpioTriggerConfig(_Section):
     active_high: bool | None = Field(
         None, description="with pull_up None: whether a high level means active"
     )
-    on: Literal["activated", "deactivated"] = Field(
+    edge: Literal["activated", "deactivated"] = Field(
         "activated", description="which edge takes the photo (lid closed, beam broken...)"
     )
     bounce_seconds: float | None = Field(

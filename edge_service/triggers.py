@@ -37,7 +37,7 @@ class GpioTrigger:
 
     def __init__(self, config: GpioTriggerConfig, fire: Fire) -> None:
         try:
-            from gpiozero import DigitalInputDevice, GPIOZeroError
+            from gpiozero import DigitalInputDevice, GPIOZeroError  # type: ignore[import-untyped]
         except ImportError as err:
             raise TriggerError("gpiozero is not installed: pip install 'smartbin[gpio]'") from err
         try:
@@ -50,11 +50,11 @@ class GpioTrigger:
         except (GPIOZeroError, ValueError, OSError) as err:
             raise TriggerError(f"GPIO pin {config.pin!r} cannot be used: {err}") from err
         handler = lambda: fire(self.source, None)  # noqa: E731
-        if config.on == "activated":
+        if config.edge == "activated":
             self._device.when_activated = handler
         else:
             self._device.when_deactivated = handler
-        logger.info("GPIO trigger on pin %s (%s)", config.pin, config.on)
+        logger.info("GPIO trigger on pin %s (%s)", config.pin, config.edge)
 
     def close(self) -> None:
         self._device.close()

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 from edge_service.camera import create_camera
-from edge_service.config import ServiceConfig
+from edge_service.config import ServiceConfig, load_config
 from edge_service.server import RunningService, create_server
 
 CAMERA = "smartbin.v1.Camera"
@@ -67,10 +67,12 @@ def scrape(service: RunningService) -> str:
 
 
 def camera_errors(service: RunningService) -> float:
-    lines = scrape(service).splitlines()
-    return float(
-        next(line for line in lines if line.startswith("smartbin_camera_errors_total"))[29:]
+    line = next(
+        line
+        for line in scrape(service).splitlines()
+        if line.startswith("smartbin_camera_errors_total ")
     )
+    return float(line.split()[-1])
 
 
 def photos(data: Path, count: int) -> list[Path]:
@@ -339,3 +341,9 @@ def test_camera_config_errors_name_the_choices(tiny_bundle: Path) -> None:
         local_config(tiny_bundle, triggers={"motion": {}})
     with pytest.raises(ValueError, match="unknown camera type 'webcam'"):
         create_camera(SimpleNamespace(type="webcam"))  # type: ignore[arg-type]
+
+
+def test_the_example_bin_config_is_valid() -> None:
+    config = load_config(Path(__file__).parents[1] / "examples" / "bin.yaml")
+    assert config.camera is not None and config.camera.type == "picamera2"
+    assert config.triggers.gpio is not None and config.triggers.motion is not None

@@ -189,6 +189,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             context.abort(code, str(err))
         finally:
+            if code == grpc.StatusCode.OK and not context.is_active():
+                code = grpc.StatusCode.CANCELLED  # the caller left
             self.metrics.requests.labels("WatchEvents", code.name).inc()
 
     @counted("ReloadModel")

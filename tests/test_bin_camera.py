@@ -22,6 +22,7 @@ from PIL import Image
 from pydantic import ValidationError
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
+from edge_service.bundle import load_bundle
 from edge_service.camera import create_camera
 from edge_service.config import ServiceConfig, load_config
 from edge_service.server import RunningService, create_server
@@ -64,6 +65,10 @@ def camera_is(bin_: SimpleNamespace, status: int) -> Callable[[], bool]:
 def scrape(service: RunningService) -> str:
     url = f"http://127.0.0.1:{service.metrics_port}/metrics"
     return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def labels_of(bundle: Path) -> int:
+    return len(load_bundle(bundle).labels)
 
 
 def camera_errors(service: RunningService) -> float:
@@ -128,7 +133,7 @@ def test_capture_classifies_a_camera_photo_and_watchers_see_it(
             wait_for(lambda w=watcher: len(w.events) == 1)
             seen = watcher.events[0]
             assert seen.event_id == event.event_id
-            assert len(seen.predictions) == 6  # watchers get every label
+            assert len(seen.predictions) == labels_of(tiny_bundle)  # watchers get every label
             assert seen.missed_events == 0
         second = bin_.stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
         assert second.event_id > event.event_id
@@ -266,7 +271,7 @@ def test_lid_switch_triggers_a_photo_and_repeats_are_debounced(
             lid.drive_high()
         wait_for(lambda: len(watcher.events) == 1)
         assert watcher.events[0].trigger == "gpio"
-        assert len(watcher.events[0].predictions) == 6
+        assert len(watcher.events[0].predictions) == labels_of(tiny_bundle)
         text = scrape(bin_.service)
         assert 'smartbin_triggers_total{outcome="accepted",source="gpio"} 1.0' in text
         assert 'smartbin_triggers_total{outcome="debounced",source="gpio"} 2.0' in text

@@ -3,11 +3,111 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _CameraCommon(_Section):
+    frame_interval_seconds: float = Field(
+        0.2,
+        ge=0.0,
+        le=10.0,
+        description="time between frames the bin looks at; 0: as fast as the camera delivers "
+        "(for network streams, which queue up frames that are read more slowly)",
+    )
+    capture_timeout_seconds: float = Field(
+        3.0, gt=0.0, description="longest wait for a fresh frame after a trigger"
+    )
+    retry_min_seconds: float = Field(0.5, gt=0.0, description="first wait before reopening")
+    retry_max_seconds: float = Field(30.0, gt=0.0, description="longest wait between reopens")
+
+
+class PiCameraConfig(_CameraCommon):
+    """The Raspberry Pi camera through picamera2 (libcamera)."""
+
+    type: Literal["picamera2"]
+    index: int = Field(0, ge=0, description="which camera, for boards with two")
+    width: int = Field(1280, ge=16)
+    height: int = Field(960, ge=16)
+
+
+class OpenCVCameraConfig(_CameraCommon):
+    """A USB/V4L2 camera, a video file or a stream URL through OpenCV's VideoCapture."""
+
+    type: Literal["opencv"]
+    device: int | str = Field(0, description="device index, /dev/videoN, file or stream URL")
+    width: int | None = Field(None, ge=16, description="requested width; default the camera's")
+    height: int | None = Field(None, ge=16, description="requested height")
+
+
+class ReplayCameraConfig(_CameraCommon):
+    """Cycles through the photos of a folder in name order (demos and tests)."""
+
+    type: Literal["replay"]
+    folder: Path = Field(description="folder of JPEG/PNG/WebP/BMP photos")
+    loop: bool = Field(True, description="start again after the last photo; else keep showing it")
+
+
+CameraConfig = Annotated[
+    PiCameraConfig | OpenCVCameraConfig | ReplayCameraConfig, Field(discriminator="type")
+]
+
+
+class GpioTriggerConfig(_Section):
+    """A lid switch or IR beam on a GPIO pin, read through gpiozero."""
+
+    pin: int | str = Field(description='GPIO number or gpiozero pin name, e.g. 17 or "BOARD11"')
+    pull_up: bool | None = Field(
+        True, description="internal pull-up (switch to ground); None: external resistor"
+    )
+    active_high: bool | None = Field(
+        None, description="with pull_up None: whether a high level means active"
+    )
+    edge: Literal["activated", "deactivated"] = Field(
+        "activated", description="which edge takes the photo (lid closed, beam broken...)"
+    )
+    bounce_seconds: float | None = Field(
+        0.05, gt=0.0, description="contact bounce ignored by gpiozero"
+    )
+    delay_seconds: float = Field(
+        0.0, ge=0.0, le=10.0, description="wait after the edge before the photo (item settles)"
+    )
+
+
+class MotionTriggerConfig(_Section):
+    """Frame difference: fires once the scene has changed and then held still."""
+
+    change_threshold: float = Field(
+        0.08, gt=0.0, lt=1.0, description="mean pixel change (0..1) that counts as motion"
+    )
+    settle_threshold: float = Field(
+        0.02, gt=0.0, lt=1.0, description="mean change below which two frames count as still"
+    )
+    settle_frames: int = Field(2, ge=1, le=100, description="still frames needed before a photo")
+
+
+class TriggersConfig(_Section):
+    debounce_seconds: float = Field(
+        2.0, ge=0.0, description="gpio/motion triggers this soon after a capture are dropped"
+    )
+    gpio: GpioTriggerConfig | None = None
+    motion: MotionTriggerConfig | None = None
+
+
+class UnsureImagesConfig(_Section):
+    """Where photos of unsure answers are kept for relabelling; oldest dropped first."""
+
+    folder: Path
+    max_files: int = Field(1000, ge=1)
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
 
 
 class ServiceConfig(BaseModel):
@@ -41,6 +141,38 @@ class ServiceConfig(BaseModel):
         0.5, ge=0.0, le=1.0, description="below this best score an answer is unsure"
     )
     grace_seconds: float = Field(5.0, ge=0.0, description="time calls in flight get at shutdown")
+    camera: CameraConfig | None = Field(None, description="the bin's camera; None: no camera")
+    triggers: TriggersConfig = Field(default_factory=TriggersConfig)
+    unsure_images: UnsureImagesConfig | None = Field(
+        None, description="keep photos of unsure answers on disk"
+    )
+    event_queue_size: int = Field(
+        32, ge=1, le=10_000, description="events buffered per WatchEvents stream"
+    )
+    max_watchers: int = Field(4, ge=0, description="open WatchEvents streams allowed at once")
+    watch_bundle_seconds: float = Field(
+        0.0, ge=0.0, description="poll the bundle folder this often and reload on change; 0: off"
+    )
+
+    @model_validator(mode="after")
+    def verify_bin_settings(self) -> ServiceConfig:
+        verify_triggers_have_camera(self)
+        verify_watchers_leave_workers(self)
+        return self
+
+
+def verify_triggers_have_camera(config: ServiceConfig) -> None:
+    if config.camera is None and (config.triggers.gpio or config.triggers.motion):
+        raise ValueError("triggers need a camera: add a camera: section or remove the triggers")
+
+
+def verify_watchers_leave_workers(config: ServiceConfig) -> None:
+    # Each WatchEvents stream holds a gRPC worker thread for as long as it is open.
+    if config.max_watchers >= config.max_workers:
+        raise ValueError(
+            f"max_watchers ({config.max_watchers}) must be below max_workers "
+            f"({config.max_workers}) so that other calls still get a worker"
+        )
 
 
 def load_config(path: Path | None = None, **overrides: object) -> ServiceConfig:

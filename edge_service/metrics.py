@@ -71,7 +71,8 @@ class ServiceMetrics:
         )
         self.triggers = Counter(
             "smartbin_triggers",
-            "capture triggers by source (gpio, motion, rpc) and outcome (accepted, debounced)",
+            "capture triggers by source (gpio, motion, rpc) and outcome "
+            "(accepted, debounced, camera_down, dropped)",
             ["source", "outcome"],
             registry=r,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_service.bundle import Bundle
+from edge_service.bundle import Bundle, BundleError
 
 try:
     from ai_edge_litert.interpreter import Interpreter
@@ -29,13 +30,21 @@ class TFLiteClassifier:
     """One loaded bundle: turns prepared pixels into ranked label probabilities.
 
     The interpreter is built once; a lock serialises calls because an interpreter holds one
-    set of tensors.
+    set of tensors. The model is read into memory and its sha256 checked on those very bytes:
+    a file mapped from disk could be overwritten under a running model by the next bundle.
+
+    Raises:
+        BundleError: the model file changed since the bundle was verified.
+        ValueError: the interpreter refuses the model, or its shapes contradict the manifest.
     """
 
     def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
         self.bundle = bundle
         threads = num_threads or os.cpu_count() or 1
-        self._interpreter = Interpreter(model_path=str(bundle.model_path), num_threads=threads)
+        content = bundle.model_path.read_bytes()
+        if hashlib.sha256(content).hexdigest() != bundle.sha256:
+            raise BundleError(f"{bundle.model_path} changed since its sha256 was checked")
+        self._interpreter = Interpreter(model_content=content, num_threads=threads)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]

@@ -1,4 +1,5 @@
-"""The gRPC Classifier service: Classify, GetModelInfo, health, reflection and /metrics."""
+"""The gRPC Classifier service: Classify, GetModelInfo, Capture, WatchEvents, ReloadModel,
+health, reflection and /metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +25,23 @@ from pydantic import ValidationError
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 from edge_service.bundle import BUNDLE_FORMAT_VERSION, BundleError, load_bundle
+from edge_service.capture import CameraUnavailable
+from edge_service.classify import Timings, TopKError, check_top_k
 from edge_service.config import ServiceConfig, load_config
 from edge_service.const import API_VERSION, service_version
+from edge_service.events import Event, TooManyWatchers
 from edge_service.metrics import ServiceMetrics
 from edge_service.model import Prediction, TFLiteClassifier
-from edge_service.preprocess import ImageDecodeError, decode_image, resize_and_crop
+from edge_service.preprocess import ImageDecodeError, decode_image
+from edge_service.reload import ReloadError
+from edge_service.runtime import BinRuntime
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 T = TypeVar("T")
+# How often an idle WatchEvents stream checks that its caller is still there.
+WATCH_POLL_SECONDS = 1.0
 
 
 def counted(method: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -59,33 +67,46 @@ def counted(method: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     return wrap
 
 
-def predictions_pb(predictions: list[Prediction]) -> list[classifier_pb2.Prediction]:
+def predictions_pb(predictions: tuple[Prediction, ...]) -> list[classifier_pb2.Prediction]:
     return [classifier_pb2.Prediction(label=p.label, score=p.score) for p in predictions]
 
 
-class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
-    """Answers the smartbin.v1.Classifier RPCs from the loaded bundle."""
+def timings_pb(timings: Timings) -> classifier_pb2.StageTimings:
+    return classifier_pb2.StageTimings(
+        capture_seconds=timings.capture,
+        decode_seconds=timings.decode,
+        preprocess_seconds=timings.preprocess,
+        inference_seconds=timings.inference,
+        total_seconds=timings.total,
+    )
 
-    def __init__(
-        self, classifier: TFLiteClassifier, config: ServiceConfig, metrics: ServiceMetrics
-    ) -> None:
+
+def event_pb(event: Event, top_k: int = 0, missed: int = 0) -> classifier_pb2.ClassificationEvent:
+    answer = event.answer
+    return classifier_pb2.ClassificationEvent(
+        event_id=event.event_id,
+        timestamp=event.timestamp,
+        trigger=event.trigger,
+        predictions=predictions_pb(answer.top(top_k)),
+        model_version=answer.model_version,
+        unsure=answer.unsure,
+        timings=timings_pb(answer.timings),
+        missed_events=missed,
+    )
+
+
+class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
+    """Answers the smartbin.v1.Classifier RPCs from the served bundle and the bin's camera."""
+
+    def __init__(self, runtime: BinRuntime, config: ServiceConfig, metrics: ServiceMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.classifier = classifier
-        self._publish_model_info(classifier)
+        self.runtime = runtime
 
-    def _publish_model_info(self, classifier: TFLiteClassifier) -> None:
-        bundle = classifier.bundle
-        self.metrics.model_info.info(
-            {
-                "version": bundle.version,
-                "sha256": bundle.sha256[:12],
-                "architecture": bundle.architecture,
-                "quantization": bundle.quantization,
-                "labels": str(len(bundle.labels)),
-            }
-        )
-        self.metrics.model_loaded_timestamp.set_to_current_time()
+    @property
+    def classifier(self) -> TFLiteClassifier:
+        """The served model; a handler reads it once so a reload cannot change it mid-call."""
+        return self.runtime.models.current
 
     @counted("Classify")
     def Classify(
@@ -93,13 +114,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     ) -> classifier_pb2.ClassifyResponse:
         # One read of the reference: a call finishes on the model it started with.
         classifier = self.classifier
-        labels = len(classifier.bundle.labels)
-        if request.top_k > labels:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"top_k is {request.top_k} but the model has {labels} labels: "
-                f"use 0 (all) to {labels}",
-            )
+        self._check_top_k(classifier, request.top_k, context)
         started = time.perf_counter()
         try:
             image = decode_image(
@@ -109,44 +124,90 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             )
         except ImageDecodeError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        decoded = time.perf_counter()
-        pixels = resize_and_crop(image, classifier.bundle.preprocessing)
-        prepared = time.perf_counter()
-        probabilities = classifier.probabilities(pixels)
-        inferred = time.perf_counter()
-        ranked = classifier.rank(probabilities, request.top_k)
-        timings = classifier_pb2.StageTimings(
-            decode_seconds=decoded - started,
-            preprocess_seconds=prepared - decoded,
-            inference_seconds=inferred - prepared,
-            total_seconds=inferred - started,
+        answer = self.runtime.pipeline.answer(
+            classifier,
+            image,
+            decode_seconds=time.perf_counter() - started,
+            encoded=request.image,
         )
-        unsure = self._record_answer(ranked[0], timings)
         return classifier_pb2.ClassifyResponse(
-            predictions=predictions_pb(ranked),
-            model_version=classifier.bundle.version,
-            timings=timings,
-            unsure=unsure,
+            predictions=predictions_pb(answer.top(request.top_k)),
+            model_version=answer.model_version,
+            timings=timings_pb(answer.timings),
+            unsure=answer.unsure,
         )
 
-    def _record_answer(self, best: Prediction, timings: classifier_pb2.StageTimings) -> bool:
-        stage = self.metrics.stage_seconds
-        stage.labels("decode").observe(timings.decode_seconds)
-        stage.labels("preprocess").observe(timings.preprocess_seconds)
-        stage.labels("inference").observe(timings.inference_seconds)
-        self.metrics.inference_seconds.observe(timings.inference_seconds)
-        self.metrics.classifications.labels(best.label).inc()
-        self.metrics.confidence.observe(best.score)
-        unsure = best.score < self.config.confidence_threshold
-        if unsure:
-            self.metrics.unsure.inc()
-        return unsure
+    @staticmethod
+    def _check_top_k(
+        classifier: TFLiteClassifier, top_k: int, context: grpc.ServicerContext
+    ) -> None:
+        try:
+            check_top_k(classifier, top_k)
+        except TopKError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     @counted("GetModelInfo")
     def GetModelInfo(
         self, request: classifier_pb2.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> classifier_pb2.ModelInfo:
         return model_info_pb(self.classifier)
+
+    @counted("Capture")
+    def Capture(
+        self, request: classifier_pb2.CaptureRequest, context: grpc.ServicerContext
+    ) -> classifier_pb2.ClassificationEvent:
+        capture = self.runtime.capture
+        if capture is None:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "this bin has no camera configured: add a camera: section to its config",
+            )
+        self._check_top_k(self.classifier, request.top_k, context)
+        timeout = capture.camera_config.capture_timeout_seconds
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        try:
+            event = capture.capture_now(timeout)
+        except CameraUnavailable as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return event_pb(event, top_k=request.top_k)
+
+    def WatchEvents(
+        self, request: classifier_pb2.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[classifier_pb2.ClassificationEvent]:
+        code = grpc.StatusCode.OK
+        try:
+            with self.runtime.hub.subscribe() as watcher:
+                context.add_callback(watcher.close)  # wake up as soon as the caller leaves
+                while context.is_active():
+                    item = watcher.get(WATCH_POLL_SECONDS)
+                    if item is not None:
+                        yield event_pb(item[0], missed=item[1])
+                    elif watcher.closed:
+                        return
+        except TooManyWatchers as err:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            context.abort(code, str(err))
+        finally:
+            if code == grpc.StatusCode.OK and not context.is_active():
+                code = grpc.StatusCode.CANCELLED  # the caller left
+            self.metrics.requests.labels("WatchEvents", code.name).inc()
+
+    @counted("ReloadModel")
+    def ReloadModel(
+        self, request: classifier_pb2.ReloadModelRequest, context: grpc.ServicerContext
+    ) -> classifier_pb2.ModelInfo:
+        path = Path(request.bundle_path) if request.bundle_path else self.config.bundle
+        serving = self.classifier.bundle.version
+        try:
+            classifier = self.runtime.models.reload(path)
+        except ReloadError as err:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"bundle {path} refused, model {serving} keeps serving: {err}",
+            )
+        return model_info_pb(classifier)
 
 
 def model_info_pb(classifier: TFLiteClassifier) -> classifier_pb2.ModelInfo:
@@ -178,11 +239,15 @@ class RunningService:
     servicer: ClassifierServicer
     metrics: ServiceMetrics
     _http: Any
+    runtime: BinRuntime
 
     def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let calls in flight finish, then close the ports."""
+        """Report NOT_SERVING, end event streams, let calls in flight finish, then stop the
+        camera, triggers and bundle watcher and close the ports."""
         self.health.enter_graceful_shutdown()
+        self.runtime.end_streams()
         self.server.stop(grace).wait()
+        self.runtime.stop()
         self._http.shutdown()
 
 
@@ -203,9 +268,17 @@ def create_server(config: ServiceConfig) -> RunningService:
             "bundle_format": str(BUNDLE_FORMAT_VERSION),
         }
     )
-    http_server, _ = start_http_server(
-        config.metrics_port, config.metrics_host, registry=metrics.registry
+    health_servicer = health.HealthServicer()
+    runtime = BinRuntime(
+        config, classifier, metrics, functools.partial(set_health, health_servicer)
     )
+    try:
+        http_server, _ = start_http_server(
+            config.metrics_port, config.metrics_host, registry=metrics.registry
+        )
+    except OSError:
+        runtime.stop()
+        raise
     metrics_port = http_server.server_address[1]
 
     options = [
@@ -215,9 +288,8 @@ def create_server(config: ServiceConfig) -> RunningService:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
     )
-    servicer = ClassifierServicer(classifier, config, metrics)
+    servicer = ClassifierServicer(runtime, config, metrics)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -231,10 +303,12 @@ def create_server(config: ServiceConfig) -> RunningService:
         port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError as err:
         http_server.shutdown()
+        runtime.stop()
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}: {err}") from err
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    runtime.start()
     logger.info(
         "serving model %s (%s) on gRPC port %d, metrics on port %d",
         bundle.version,
@@ -243,8 +317,13 @@ def create_server(config: ServiceConfig) -> RunningService:
         metrics_port,
     )
     return RunningService(
-        server, port, metrics_port, health_servicer, servicer, metrics, http_server
+        server, port, metrics_port, health_servicer, servicer, metrics, http_server, runtime
     )
+
+
+def set_health(servicer: health.HealthServicer, name: str, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse
+    servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -82,23 +82,30 @@ class ClassifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Capture(self, request, context):
-        """Takes a photo with the bin's camera now and classifies it.
-        UNAVAILABLE: no camera is configured or the camera is down.
+        """Takes a photo with the bin's camera now and classifies it; watchers get the same event
+        with every label.
+        UNAVAILABLE: no camera is configured, the camera is down, or no frame came in time.
+        INVALID_ARGUMENT: top_k is more than the model's labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Streams every classification the bin makes from now on (camera triggers and Capture calls).
+        """Streams every classification the bin makes from now on (camera triggers and Capture calls),
+        each with every label ranked. A watcher that reads too slowly loses its oldest events and
+        is told how many in missed_events. The stream ends when the service shuts down.
+        RESOURCE_EXHAUSTED: the service's max_watchers streams are already open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReloadModel(self, request, context):
-        """Loads a model bundle from a folder on the bin and swaps it in once it passes its checks.
-        FAILED_PRECONDITION: the bundle is missing, corrupt or fails its smoke test; the old model keeps serving.
+        """Loads a model bundle from a folder on the bin and swaps it in once it passes its checks
+        (manifest, sha256 of the model, a smoke inference). Calls in flight finish on the old model.
+        FAILED_PRECONDITION: the bundle is missing, corrupt or fails its smoke test (the message
+        says why); the old model keeps serving.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

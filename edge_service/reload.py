@@ -1,0 +1,169 @@
+"""Swapping the served model without a restart: checked load, atomic swap, optional folder watch.
+
+A new bundle must pass ``load_bundle`` (manifest, sha256 of the model file), build an interpreter
+whose shapes match the manifest, and answer a smoke inference with finite probabilities over its
+labels; only then does it replace the served model. Calls already running keep the classifier
+object they read, so they finish on the model they started on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edge_service.bundle import BundleError, load_bundle
+from edge_service.metrics import ServiceMetrics
+from edge_service.model import TFLiteClassifier
+from edge_service.preprocess import resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+
+class ReloadError(Exception):
+    """A bundle was refused; the message says why. The served model is unchanged."""
+
+
+def smoke_test(classifier: TFLiteClassifier) -> None:
+    """Run one mid-grey photo through the model and check the answer is a distribution.
+
+    Raises:
+        ReloadError: the model fails to run or answers with something other than probabilities.
+    """
+    spec = classifier.bundle.preprocessing
+    grey = Image.new("RGB", (spec.resize_size, spec.resize_size), (128, 128, 128))
+    try:
+        probabilities = classifier.probabilities(resize_and_crop(grey, spec))
+    except Exception as err:  # the interpreter raises RuntimeError/ValueError on bad models
+        raise ReloadError(f"smoke inference failed: {err}") from err
+    if probabilities.shape != (len(classifier.bundle.labels),):
+        raise ReloadError(
+            f"smoke inference gave {probabilities.shape} outputs for "
+            f"{len(classifier.bundle.labels)} labels"
+        )
+    if not np.isfinite(probabilities).all():
+        raise ReloadError("smoke inference gave NaN or infinite scores")
+
+
+def load_checked(path: Path, num_threads: int | None) -> TFLiteClassifier:
+    """Load, verify and smoke-test the bundle at ``path``.
+
+    Raises:
+        ReloadError: with the reason the bundle cannot be served.
+    """
+    try:
+        classifier = TFLiteClassifier(load_bundle(path), num_threads)
+    except BundleError as err:
+        raise ReloadError(str(err)) from err
+    except (ValueError, RuntimeError) as err:  # the interpreter refuses the model file
+        raise ReloadError(f"{path}: model cannot be loaded: {err}") from err
+    smoke_test(classifier)
+    return classifier
+
+
+class ModelSlot:
+    """Holds the served classifier; ``reload`` replaces it only with a bundle that passes.
+
+    Readers take ``slot.current`` once per call. Swapping is one reference assignment.
+    """
+
+    def __init__(
+        self,
+        classifier: TFLiteClassifier,
+        num_threads: int | None,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.current = classifier
+        self._num_threads = num_threads
+        self._metrics = metrics
+        self._lock = threading.Lock()  # one reload at a time
+        self._publish(classifier)
+
+    def reload(self, path: Path) -> TFLiteClassifier:
+        """Load the bundle at ``path`` and serve it.
+
+        Raises:
+            ReloadError: the bundle was refused and the old model keeps serving.
+        """
+        with self._lock:
+            try:
+                classifier = load_checked(path, self._num_threads)
+            except ReloadError as err:
+                self._metrics.reloads.labels("failed").inc()
+                logger.error("model reload from %s refused: %s", path, err)
+                raise
+            old, self.current = self.current, classifier
+            self._metrics.reloads.labels("success").inc()
+            self._publish(classifier)
+        logger.info(
+            "model %s (%d labels) replaced %s",
+            classifier.bundle.version,
+            len(classifier.bundle.labels),
+            old.bundle.version,
+        )
+        return classifier
+
+    def _publish(self, classifier: TFLiteClassifier) -> None:
+        bundle = classifier.bundle
+        self._metrics.model_info.info(
+            {
+                "version": bundle.version,
+                "sha256": bundle.sha256[:12],
+                "architecture": bundle.architecture,
+                "quantization": bundle.quantization,
+                "labels": str(len(bundle.labels)),
+            }
+        )
+        self._metrics.model_loaded_timestamp.set_to_current_time()
+
+
+def folder_fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of a folder's files; () when it is missing."""
+    try:
+        entries = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
+
+
+class BundleWatcher:
+    """Polls a bundle folder and reloads once its files have changed and then held still.
+
+    Waiting one quiet poll lets a copy finish before the load; a bundle refused mid-copy is tried
+    again when its files change again.
+    """
+
+    def __init__(self, folder: Path, interval: float, reload: Callable[[Path], object]) -> None:
+        self.folder = folder
+        self.interval = interval
+        self._reload = reload
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bundle-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        tried = folder_fingerprint(self.folder)  # what is served now
+        previous = tried
+        while not self._stop.wait(self.interval):
+            current = folder_fingerprint(self.folder)
+            settled = current == previous
+            previous = current
+            if not settled or current == tried or not current:
+                continue
+            tried = current
+            logger.info("bundle folder %s changed: reloading", self.folder)
+            # A refusal is logged and counted by the slot; the old model keeps serving.
+            with contextlib.suppress(ReloadError):
+                self._reload(self.folder)

@@ -75,8 +75,6 @@ def create_classifier(
     backbone = timm.create_model(arch, pretrained=hub_pretrained and weights is None)
     if weights is not None:
         load_imagenet_weights(backbone, weights)
-    elif not hub_pretrained:
-        logger.warning("no pretrained weights given: %s starts from random weights", arch)
     backbone.reset_classifier(num_classes)
     return PixelClassifier(backbone, preprocessing.mean, preprocessing.std)
 

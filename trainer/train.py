@@ -335,6 +335,8 @@ def run(args: argparse.Namespace) -> Path:
         device,
     )
 
+    if args.weights is None and not args.hub_pretrained:
+        logger.warning("no pretrained weights given: %s starts from random weights", args.arch)
     model = create_classifier(args.arch, len(classes), spec, args.weights, args.hub_pretrained).to(
         device
     )

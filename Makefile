@@ -42,7 +42,7 @@ proto: $(VENV)/.dev-installed
 TRASHNET ?= ../shared/data/trashnet
 release: $(VENV)/.dev-installed
 	$(BIN)/smartbin-train --config trainer/recipes/release.yaml --data $(TRASHNET) --out runs --name release
-	$(BIN)/smartbin-convert runs/release/checkpoint.pt --out runs/release/bundle
+	$(BIN)/smartbin-convert runs/release/checkpoint.pt --out runs/release/bundle --calibration-images 1000
 	$(BIN)/smartbin-compare runs/release/bundle
 
 # The backbone comparison of docs/models.md: each recipe trained, converted and timed here.

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"agreement: val {report['agreement']['val']:.2%}  test {report['agreement']['test']:.2%}"
     )
+    shifts = ", ".join(f"{k} {v:.2%}" for k, v in report["int8_test_shifted"].items())
+    print(f"int8 test under camera shifts: {shifts}")
     print(f"bundle: {args.out} ({report['model_bytes']['int8'] / 1e6:.2f} MB)")
 
 

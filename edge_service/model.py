@@ -34,8 +34,9 @@ class TFLiteClassifier:
     a file mapped from disk could be overwritten under a running model by the next bundle.
 
     Raises:
-        BundleError: the model file changed since the bundle was verified.
-        ValueError: the interpreter refuses the model, or its shapes contradict the manifest.
+        BundleError: the model file changed since the bundle was verified, or the interpreter
+            refuses it.
+        ValueError: the model's shapes contradict the manifest.
     """
 
     def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
@@ -44,8 +45,13 @@ class TFLiteClassifier:
         content = bundle.model_path.read_bytes()
         if hashlib.sha256(content).hexdigest() != bundle.sha256:
             raise BundleError(f"{bundle.model_path} changed since its sha256 was checked")
-        self._interpreter = Interpreter(model_content=content, num_threads=threads)
-        self._interpreter.allocate_tensors()
+        try:
+            self._interpreter = Interpreter(model_content=content, num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise BundleError(
+                f"{bundle.model_path} is not a model the TFLite interpreter can run: {err}"
+            ) from err
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self._lock = threading.Lock()

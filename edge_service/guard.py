@@ -1,8 +1,8 @@
-"""What every call passes before a handler runs: a request that parses and a live deadline.
+"""Guards around every call: requests that do not parse, callers that gave up, calls in flight.
 
 gRPC's own parsing answers a malformed request with INTERNAL, which tells a caller nothing; here it
-gets INVALID_ARGUMENT with the parser's reason. A call whose deadline passed while it queued for a
-worker is answered DEADLINE_EXCEEDED without being computed.
+gets INVALID_ARGUMENT with the parser's reason. gRPC itself drops a call whose deadline passed while
+it queued for a worker; ``abort_if_expired`` lets a handler stop between its stages too.
 """
 
 from __future__ import annotations
@@ -19,35 +19,21 @@ from edge_service.metrics import ServiceMetrics
 logger = logging.getLogger(__name__)
 
 
-def expiry(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    """DEADLINE_EXCEEDED or CANCELLED once the caller has given up on a call, else None."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if not context.is_active():
-        return grpc.StatusCode.CANCELLED
-    return None
-
-
 def abort_if_expired(context: grpc.ServicerContext, work: str) -> None:
     """End the call before ``work`` when its caller has given up on it.
 
     Raises:
         Exception: gRPC's abort, with DEADLINE_EXCEEDED or CANCELLED.
     """
-    code = expiry(context)
-    if code is not None:
-        context.abort(code, f"{_GAVE_UP[code]} before {work}: not computed")
-
-
-_GAVE_UP = {
-    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline passed",
-    grpc.StatusCode.CANCELLED: "call cancelled",
-}
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed before {work}")
+    if not context.is_active():
+        context.abort(grpc.StatusCode.CANCELLED, f"call cancelled before {work}")
 
 
 class CallGuard(grpc.ServerInterceptor):
-    """Parses requests itself, refuses expired calls and keeps the in-flight gauge.
+    """Parses requests itself and keeps the in-flight gauge.
 
     Calls with a stream of requests (reflection) pass through untouched.
     """
@@ -79,10 +65,6 @@ class CallGuard(grpc.ServerInterceptor):
         self, method: str, parse: Callable[[bytes], Any] | None
     ) -> Callable[[bytes, grpc.ServicerContext], Any]:
         def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
-            code = expiry(context)
-            if code is not None:
-                self.metrics.requests.labels(method, code.name).inc()
-                abort_if_expired(context, f"{method} started")
             try:
                 return parse(raw) if parse else raw
             except DecodeError as err:

@@ -92,7 +92,10 @@ class ServiceProcess:
 
 
 def spawn_service(
-    extra_args: list[str], start_timeout: float = 60.0, python: str = sys.executable
+    extra_args: list[str],
+    start_timeout: float = 60.0,
+    python: str = sys.executable,
+    cwd: Path | None = None,
 ) -> ServiceProcess:
     """Start ``smartbin-serve`` on free loopback ports and wait until it says it serves.
 
@@ -100,6 +103,7 @@ def spawn_service(
         extra_args: further command-line arguments (``--bundle``, ``--config``...).
         start_timeout: seconds to wait for the "serving" log line.
         python: interpreter to run it with.
+        cwd: folder to start it in (default: this process's).
 
     Raises:
         RuntimeError: the service exited or did not start in time; the message holds its log.
@@ -107,7 +111,7 @@ def spawn_service(
     command = [python, "-m", "edge_service.server", "--host", "127.0.0.1", "--port", "0"]
     command += ["--metrics-port", "0", *extra_args]
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd
     )
     assert process.stderr is not None
     log: list[str] = []

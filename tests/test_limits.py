@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-from conftest import local_config
+from conftest import local_config, slow_png
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
@@ -24,15 +23,6 @@ CLASSIFY = "/smartbin.v1.Classifier/Classify"
 def photo(size: tuple[int, int] = (160, 120)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 120, 40)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def slow_png(width: int = 6000, height: int = 5000) -> bytes:
-    """A small file that is big once decoded: a gradient PNG of 30 megapixels."""
-    y, x = np.indices((height, width), dtype=np.uint32)
-    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
 
 

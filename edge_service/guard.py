@@ -51,15 +51,17 @@ class CallGuard(grpc.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         admit = self._admitter(method, handler.request_deserializer)
-        if handler.response_streaming:
+        if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(admit, handler.unary_stream),
                 response_serializer=handler.response_serializer,
             )
-        return grpc.unary_unary_rpc_method_handler(
-            self._unary(admit, handler.unary_unary),
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(admit, handler.unary_unary),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     def _admitter(
         self, method: str, parse: Callable[[bytes], Any] | None

@@ -58,7 +58,7 @@ def require_loopback(target: str) -> None:
         infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
     except socket.gaierror as err:
         raise NotLoopbackError(f"cannot resolve {host!r}: {err}") from err
-    addresses = {info[4][0] for info in infos}
+    addresses = {str(info[4][0]) for info in infos}
     outside = sorted(a for a in addresses if not ipaddress.ip_address(a).is_loopback)
     if outside:
         raise NotLoopbackError(

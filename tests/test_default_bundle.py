@@ -45,8 +45,10 @@ def test_samples_match_the_golden_file() -> None:
     if os.environ.get("SMARTBIN_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         with GOLDEN.open("w", newline="") as handle:
-            csv.writer(handle).writerows([("image", "label", "score")] + [
-                (name, label, f"{score:.4f}") for name, label, score in answers])
+            csv.writer(handle).writerows(
+                [("image", "label", "score")]
+                + [(name, label, f"{score:.4f}") for name, label, score in answers]
+            )
     with GOLDEN.open() as handle:
         expected = {row["image"]: row for row in csv.DictReader(handle)}
     assert len(answers) == len(expected) >= 6

@@ -34,9 +34,8 @@ class TFLiteClassifier:
     a file mapped from disk could be overwritten under a running model by the next bundle.
 
     Raises:
-        BundleError: the model file changed since the bundle was verified, or the interpreter
-            refuses it.
-        ValueError: the model's shapes contradict the manifest.
+        BundleError: the model file changed since the bundle was verified.
+        ValueError: the interpreter refuses the model, or its shapes contradict the manifest.
     """
 
     def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
@@ -49,7 +48,8 @@ class TFLiteClassifier:
             self._interpreter = Interpreter(model_content=content, num_threads=threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
-            raise BundleError(
+            # The interpreter's own words ("Constant buffer 58 ...") do not say which file.
+            raise ValueError(
                 f"{bundle.model_path} is not a model the TFLite interpreter can run: {err}"
             ) from err
         self._input = self._interpreter.get_input_details()[0]

@@ -197,3 +197,185 @@ def test_a_damaged_bundle_is_refused_at_start(
     assert result.stderr.strip().splitlines()[-1].startswith("smartbin-serve: ")
     assert fragment in result.stderr
     assert "serving model" not in result.stderr
+
+
+CAMERA_HEALTH = "smartbin.v1.Camera"
+
+
+class Load:
+    """Classify calls from a few threads for as long as a test runs, as a bin's callers would."""
+
+    def __init__(self, channel: grpc.Channel, image: bytes, threads: int = 2) -> None:
+        self.stub = classifier_pb2_grpc.ClassifierStub(channel)
+        self.request = classifier_pb2.ClassifyRequest(image=image)
+        self.codes: list[grpc.StatusCode] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.versions.add(self.stub.Classify(self.request, timeout=30).model_version)
+                self.codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                self.codes.append(err.code())
+
+    def stop(self) -> list[grpc.StatusCode]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        return self.codes
+
+
+class Events:
+    """A WatchEvents stream read on a thread, as a bin's display would."""
+
+    def __init__(self, stub: classifier_pb2_grpc.ClassifierStub) -> None:
+        self.received: list[classifier_pb2.ClassificationEvent] = []
+        self.ended = threading.Event()
+        self.stream = stub.WatchEvents(classifier_pb2.WatchEventsRequest())
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.stream:
+                self.received.append(event)
+        except grpc.RpcError:
+            pass
+        self.ended.set()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def photo_of(data: Path) -> bytes:
+    return sorted(data.rglob("*.jpg"))[0].read_bytes()
+
+
+def test_camera_unplugged_and_replugged_under_load_loses_no_event(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for i, path in enumerate(sorted(tiny_data.rglob("*.jpg"))[:3]):
+        shutil.copy(path, camera / f"{i:02d}.jpg")
+    data, workdir = tmp_path / "data", tmp_path / "cwd"
+    workdir.mkdir()
+    untouched = {folder: files_under(folder) for folder in (tiny_bundle, camera)}
+    config = write_config(
+        tmp_path,
+        tiny_bundle,
+        grace_seconds=GRACE_SECONDS,
+        confidence_threshold=1.0,  # every answer unsure: the service keeps every photo it may
+        unsure_images={"folder": str(data), "max_files": 20},
+        camera={
+            "type": "replay",
+            "folder": str(camera),
+            "frame_interval_seconds": 0.03,
+            "retry_min_seconds": 0.05,
+            "retry_max_seconds": 0.2,
+        },
+    )
+    server = spawn_service(["--config", str(config)], cwd=workdir)
+    channel = grpc.insecure_channel(server.target)
+    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def camera_health() -> int:
+        request = health_pb2.HealthCheckRequest(service=CAMERA_HEALTH)
+        return health.Check(request, timeout=5).status
+
+    try:
+        events = Events(stub)
+        load = Load(channel, photo_of(tiny_data))
+        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING)
+        before = stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
+
+        unplugged = camera.rename(tmp_path / "unplugged")
+        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "camera is down" in caught.value.details()
+        overall = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert overall == health_pb2.HealthCheckResponse.SERVING
+
+        unplugged.rename(camera)
+        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING)
+        after = stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
+        wait_for(lambda: len(events.received) >= 2)
+        codes = load.stop()
+
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(GRACE_SECONDS + 10) == 0, "\n".join(server.log)
+        assert events.ended.wait(5)
+    finally:
+        channel.close()
+        server.stop()
+    assert [e.event_id for e in events.received] == [before.event_id, after.event_id]
+    assert after.event_id == before.event_id + 1
+    assert all(e.missed_events == 0 for e in events.received)
+    assert codes and set(codes) == {grpc.StatusCode.OK}, f"{len(codes)} calls: {set(codes)}"
+    # The only files it wrote are the unsure photos, in its data folder.
+    assert 0 < len(list(data.iterdir())) <= 20
+    assert not any(workdir.iterdir())
+    assert {folder: files_under(folder) for folder in untouched} == untouched
+
+
+def half_copied(source: Path, target: Path, damage: Callable[[Path], None]) -> Path:
+    bundle = Path(shutil.copytree(source, target))
+    damage(bundle)
+    return bundle
+
+
+def test_damaged_bundles_offered_for_reload_are_refused_under_load(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, tiny_bundle)
+    server = spawn_service(["--config", str(config)], cwd=tmp_path)
+    channel = grpc.insecure_channel(server.target)
+    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    try:
+        load = Load(channel, photo_of(tiny_data))
+        offers = [
+            (truncate_model, "the bundle is corrupt or incomplete"),
+            (truncate_manifest, "is not valid JSON"),
+            (half_model_with_matching_checksum, "is not a model the TFLite interpreter can run"),
+            (empty_folder, "not found: is"),
+        ]
+        for n, (damage, reason) in enumerate(offers):
+            offered = half_copied(tiny_bundle, tmp_path / f"offer-{n}", damage)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ReloadModel(
+                    classifier_pb2.ReloadModelRequest(bundle_path=str(offered)), timeout=60
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert reason in caught.value.details()
+            assert "model tiny-test keeps serving" in caught.value.details()
+        # The copy completes: the same offer now goes through.
+        complete = Path(shutil.copytree(tiny_bundle, tmp_path / "complete"))
+        manifest = json.loads((complete / "manifest.json").read_text())
+        (complete / "manifest.json").write_text(json.dumps({**manifest, "version": "v2"}))
+        reply = stub.ReloadModel(
+            classifier_pb2.ReloadModelRequest(bundle_path=str(complete)), timeout=60
+        )
+        assert reply.model_version == "v2"
+        wait_for(lambda: "v2" in load.versions)
+        codes = load.stop()
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        metrics = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert server.stop() == 0
+    finally:
+        channel.close()
+        server.stop()
+    assert codes and set(codes) == {grpc.StatusCode.OK}, f"{len(codes)} calls: {set(codes)}"
+    assert load.versions == {"tiny-test", "v2"}
+    assert f'smartbin_model_reloads_total{{outcome="failed"}} {float(len(offers))}' in metrics
+    assert 'smartbin_model_reloads_total{outcome="success"} 1.0' in metrics

@@ -32,7 +32,9 @@ def test_a_target_without_a_port_is_refused(target: str) -> None:
         require_loopback(target)
 
 
-@pytest.mark.parametrize("args", [["--duration", "0"], ["--duration", "86400"], ["--concurrency", "0"]])
+@pytest.mark.parametrize(
+    "args", [["--duration", "0"], ["--duration", "86400"], ["--concurrency", "0"]]
+)
 def test_the_run_is_bounded(args: list[str]) -> None:
     with pytest.raises(SystemExit) as refused:
         main(args)

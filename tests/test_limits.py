@@ -93,7 +93,7 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
                 time.sleep(0.05)
 
 
-@pytest.mark.parametrize("limited", [{"max_workers": 1}], indirect=True)
+@pytest.mark.parametrize("limited", [{"max_workers": 1, "max_watchers": 0}], indirect=True)
 def test_call_that_queued_past_its_deadline_is_not_computed(limited: RunningService) -> None:
     channel, stub = classify_stub(limited)
     with channel:

@@ -110,6 +110,18 @@ class UnsureImagesConfig(_Section):
     max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
 
 
+class TLSConfig(_Section):
+    """Certificates for the gRPC port. With ``client_ca`` set, callers must present a
+    certificate signed by it (mutual TLS)."""
+
+    cert: Path = Field(description="PEM certificate chain the service presents")
+    key: Path = Field(description="PEM private key of that certificate")
+    client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, only clients with a certificate it signed get in",
+    )
+
+
 class ServiceConfig(BaseModel):
     """Everything the edge service can be told. Unknown keys are an error, not ignored."""
 
@@ -131,6 +143,12 @@ class ServiceConfig(BaseModel):
         None, ge=1, le=64, description="interpreter threads; default all cores"
     )
     max_workers: int = Field(8, ge=1, le=256, description="gRPC worker threads")
+    max_concurrent_rpcs: int = Field(
+        64,
+        ge=1,
+        description="calls (streams included) served or queued at once; "
+        "beyond it callers get RESOURCE_EXHAUSTED",
+    )
     max_message_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="largest request the gRPC port accepts"
     )
@@ -152,6 +170,9 @@ class ServiceConfig(BaseModel):
     max_watchers: int = Field(4, ge=0, description="open WatchEvents streams allowed at once")
     watch_bundle_seconds: float = Field(
         0.0, ge=0.0, description="poll the bundle folder this often and reload on change; 0: off"
+    )
+    tls: TLSConfig | None = Field(
+        None, description="serve gRPC over TLS (mutual TLS with client_ca); plaintext when absent"
     )
 
     @model_validator(mode="after")

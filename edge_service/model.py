@@ -44,8 +44,14 @@ class TFLiteClassifier:
         content = bundle.model_path.read_bytes()
         if hashlib.sha256(content).hexdigest() != bundle.sha256:
             raise BundleError(f"{bundle.model_path} changed since its sha256 was checked")
-        self._interpreter = Interpreter(model_content=content, num_threads=threads)
-        self._interpreter.allocate_tensors()
+        try:
+            self._interpreter = Interpreter(model_content=content, num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            # The interpreter's own words ("Constant buffer 58 ...") do not say which file.
+            raise ValueError(
+                f"{bundle.model_path} is not a model the TFLite interpreter can run: {err}"
+            ) from err
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self._lock = threading.Lock()

@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 # Pillow's own bomb check only warns below twice its limit; we enforce our own limit instead.
 Image.MAX_IMAGE_PIXELS = None
 
+# Formats a camera or an operator sends (JPEG covers the MPO files some cameras write). Pillow
+# opens many more (EPS even runs Ghostscript); each is decoder code exposed to whatever reaches
+# the port, so the rest are refused.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -69,7 +74,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, min_size: int = 0) -
     """Decode encoded image bytes into an upright RGB image.
 
     Args:
-        data: the encoded file (JPEG, PNG, WebP, BMP, GIF...).
+        data: the encoded file, one of ``ACCEPTED_FORMATS``.
         max_pixels: refuse images with more pixels than this before decoding them (bomb guard).
         min_size: for JPEG, let the decoder scale down by a power of two while both sides stay
             at least this large (much faster for camera-sized photos).
@@ -82,14 +87,14 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, min_size: int = 0) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image is {width}x{height} = {width * height} pixels, more than the "
                     f"limit of {max_pixels}: send a smaller image"
                 )
-            if min_size and image.format == "JPEG":
+            if min_size and image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (min_size, min_size))
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
@@ -97,11 +102,14 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, min_size: int = 0) -
         raise
     except UnidentifiedImageError as err:
         raise ImageDecodeError(
-            "bytes are not a recognised image format: send a JPEG, PNG, WebP or BMP file"
+            "bytes are not a recognised image format: send a JPEG, PNG, WebP, BMP, GIF or TIFF file"
         ) from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Exception as err:
+        # Pillow's decoders meet hostile bytes with many exception types (OSError, SyntaxError,
+        # struct.error, IndexError, ...): each one means this file cannot be classified.
         raise ImageDecodeError(
-            f"image could not be decoded ({err}): the file may be truncated or corrupt"
+            f"image could not be decoded ({type(err).__name__}: {err}): the file may be "
+            "truncated or corrupt"
         ) from err
 
 
@@ -114,10 +122,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = max(float(array.max()), 1.0)
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        low, peak = min(float(array.min()), 0.0), max(float(array.max()), 1.0)
+        image = Image.fromarray(((array - low) * (255.0 / (peak - low))).astype(np.uint8))
     return image.convert("RGB")
 
 
@@ -129,14 +138,21 @@ def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """
     width, height = image.size
     scale = spec.resize_size / min(width, height)
-    new_size = (
-        max(spec.input_size, round(width * scale)),
-        max(spec.input_size, round(height * scale)),
+    new_width = max(spec.input_size, round(width * scale))
+    new_height = max(spec.input_size, round(height * scale))
+    left = (new_width - spec.input_size) // 2
+    top = (new_height - spec.input_size) // 2
+    # Only the crop is resampled, from the source region it covers: resizing the whole image
+    # first would turn a 290-byte 2x20000 PNG into a 256x2560000 image (gigabytes).
+    to_source_x, to_source_y = width / new_width, height / new_height
+    box = (
+        left * to_source_x,
+        top * to_source_y,
+        (left + spec.input_size) * to_source_x,
+        (top + spec.input_size) * to_source_y,
     )
-    resized = image.resize(new_size, _INTERPOLATIONS[spec.interpolation])
-    left = (new_size[0] - spec.input_size) // 2
-    top = (new_size[1] - spec.input_size) // 2
-    cropped = resized.crop((left, top, left + spec.input_size, top + spec.input_size))
+    size = (spec.input_size, spec.input_size)
+    cropped = image.resize(size, _INTERPOLATIONS[spec.interpolation], box=box)
     return np.asarray(cropped, dtype=np.uint8)
 
 

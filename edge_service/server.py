@@ -30,11 +30,13 @@ from edge_service.classify import Timings, TopKError, check_top_k
 from edge_service.config import ServiceConfig, load_config
 from edge_service.const import API_VERSION, service_version
 from edge_service.events import Event, TooManyWatchers
+from edge_service.guard import CallGuard, abort_if_expired
 from edge_service.metrics import ServiceMetrics
 from edge_service.model import Prediction, TFLiteClassifier
 from edge_service.preprocess import ImageDecodeError, decode_image
 from edge_service.reload import ReloadError
 from edge_service.runtime import BinRuntime
+from edge_service.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             )
         except ImageDecodeError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        # A large photo can outlast its caller's deadline; then the model need not run.
+        abort_if_expired(context, "inference")
         answer = self.runtime.pipeline.answer(
             classifier,
             image,
@@ -249,6 +253,7 @@ class RunningService:
         self.server.stop(grace).wait()
         self.runtime.stop()
         self._http.shutdown()
+        self._http.server_close()
 
 
 def create_server(config: ServiceConfig) -> RunningService:
@@ -256,10 +261,12 @@ def create_server(config: ServiceConfig) -> RunningService:
 
     Raises:
         BundleError: the configured bundle cannot be served.
+        ValueError: the TLS files are unreadable or not a certificate and its key.
         OSError: a port is already taken.
     """
     bundle = load_bundle(config.bundle)
     classifier = TFLiteClassifier(bundle, config.num_threads)
+    credentials = server_credentials(config.tls) if config.tls else None
     metrics = ServiceMetrics()
     metrics.build_info.info(
         {
@@ -276,9 +283,12 @@ def create_server(config: ServiceConfig) -> RunningService:
         http_server, _ = start_http_server(
             config.metrics_port, config.metrics_host, registry=metrics.registry
         )
-    except OSError:
+    except OSError as err:
         runtime.stop()
-        raise
+        raise OSError(
+            f"cannot bind metrics port {config.metrics_host}:{config.metrics_port}: "
+            f"{err.strerror or err}"
+        ) from err
     metrics_port = http_server.server_address[1]
 
     options = [
@@ -286,7 +296,10 @@ def create_server(config: ServiceConfig) -> RunningService:
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
+        futures.ThreadPoolExecutor(max_workers=config.max_workers),
+        interceptors=[CallGuard(metrics)],
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     servicer = ClassifierServicer(runtime, config, metrics)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
@@ -299,10 +312,15 @@ def create_server(config: ServiceConfig) -> RunningService:
         ),
         server,
     )
+    address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         http_server.shutdown()
+        http_server.server_close()
         runtime.stop()
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}: {err}") from err
     server.start()
@@ -310,10 +328,11 @@ def create_server(config: ServiceConfig) -> RunningService:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     runtime.start()
     logger.info(
-        "serving model %s (%s) on gRPC port %d, metrics on port %d",
+        "serving model %s (%s) on gRPC port %d (%s), metrics on port %d",
         bundle.version,
         bundle.architecture,
         port,
+        tls_mode(config),
         metrics_port,
     )
     return RunningService(
@@ -324,6 +343,12 @@ def create_server(config: ServiceConfig) -> RunningService:
 def set_health(servicer: health.HealthServicer, name: str, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse
     servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
+
+
+def tls_mode(config: ServiceConfig) -> str:
+    if config.tls is None:
+        return "plaintext"
+    return "mutual TLS" if config.tls.client_ca else "TLS"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -348,6 +373,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Handlers go in first so a SIGTERM during start-up still ends in an orderly stop.
+    stop_requested = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         config = load_config(
             args.config,
@@ -359,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.validate_config:
             load_bundle(config.bundle)
+            if config.tls:
+                server_credentials(config.tls)
             print("configuration and bundle are valid")
             return
         service = create_server(config)
@@ -367,16 +404,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         logger.error("%s", err)
         sys.exit(f"smartbin-serve: port in use or not available: {err}")
-    stopped = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        logger.info("signal %d: draining calls for up to %.1f s", signum, config.grace_seconds)
-        service.stop(config.grace_seconds)
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopped.wait()
+    stop_requested.wait()
+    # Health turns NOT_SERVING first, then calls in flight get the grace period to finish.
+    logger.info(
+        "signal %d: draining calls in flight for up to %.1f s", received[0], config.grace_seconds
+    )
+    service.stop(config.grace_seconds)
     logger.info("stopped")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 from collections.abc import Iterator
@@ -118,3 +119,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def slow_png(width: int = 6000, height: int = 5000) -> bytes:
+    """A small file that is slow to classify: a 30-megapixel gradient PNG (about 400 kB)."""
+    y, x = np.indices((height, width), dtype=np.uint32)
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()

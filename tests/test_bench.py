@@ -52,8 +52,9 @@ def test_bench_runs_end_to_end_and_writes_every_figure(
     assert set(result["preprocess"]) == {"512x384", "1920x1080"}
     for stages in result["preprocess"].values():
         assert all(stages[k].keys() >= STATS for k in ("decode", "preprocess", "total"))
-    assert STATS | {"cpu_ms_per_call"} <= result["bare_pipeline"].keys()
     service = result["service"]
+    assert STATS | {"cpu_ms_per_call"} <= service["bare_pipeline"].keys()
+    assert STATS | {"server_cpu_ms_per_call"} <= service["classify_beside_bare"].keys()
     assert set(service["classify"]) == {"1", "4", "16"}
     for level in service["classify"].values():
         assert STATS | {"server_cpu_ms_per_call", "client_cpu_ms_per_call"} <= level.keys()

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs proto release compare
+.PHONY: demo test lint docs proto release compare bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,19 @@ $(VENV)/.edge-installed: pyproject.toml | $(BIN)/python
 # Everything: trainer, converter, test and lint tools.
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
-	touch $@ $(VENV)/.edge-installed
+	touch $@ $(VENV)/.edge-installed $(VENV)/.bench-installed
 
 demo: $(VENV)/.edge-installed
 	$(BIN)/smartbin-demo
+
+# What the service costs beyond the bare interpreter, measured in one run (docs/benchmarks.md):
+# the edge extra plus psutil, no torch. Figures land in runs/benchmark.json.
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[edge,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/smartbin-bench --json runs/benchmark.json
 
 # The checks listed in .pre-commit-config.yaml (ruff, mypy, fresh stubs, file checks), with the
 # venv's tools first on the PATH; the same list runs on each commit after `pre-commit install`.

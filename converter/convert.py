@@ -114,8 +114,13 @@ def convert(
     max_drop: float = 1.0,
     version: str | None = None,
     seed: int = 0,
+    float_twin: Path | None = None,
 ) -> dict[str, Any]:
-    """Build the bundle at ``out``; raises ParityError, writing nothing, when int8 falls short."""
+    """Build the bundle at ``out``; raises ParityError, writing nothing, when int8 falls short.
+
+    ``float_twin``, when given, also receives the float32 .tflite the int8 model was quantized
+    from (same input, same outputs), for benchmarks comparing the two.
+    """
     from converter.tflite import export_float, quantize_int8
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -172,6 +177,10 @@ def convert(
             shutil.rmtree(out)
         shutil.copytree(staging, out)
     load_bundle(out)
+    if float_twin is not None:
+        float_twin.parent.mkdir(parents=True, exist_ok=True)
+        float_twin.write_bytes(float_model)
+        logger.info("float32 twin: %s (%.2f MB)", float_twin, len(float_model) / 1e6)
     return report
 
 
@@ -193,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--version", help="bundle version (default: date-arch-checkpoint hash)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--float-twin",
+        type=Path,
+        help="also write the float32 .tflite the int8 model came from here (for smartbin-bench)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -204,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             args.max_drop,
             args.version,
             args.seed,
+            args.float_twin,
         )
     except ParityError as err:
         sys.exit(f"smartbin-convert: parity gate failed: {err}")

@@ -75,6 +75,10 @@ class TFLiteClassifier:
         scale, zero_point = self._input["quantization"]
         if self.input_dtype == np.float32:
             return pixels.astype(np.float32)[np.newaxis]
+        if self.input_dtype == np.int8 and scale == 1.0 and zero_point == -128:
+            # The converter's models: pixel - 128 as int8 is the pixel with its top bit flipped,
+            # 10 µs in one pass instead of 1-2 ms for the float round trip below at 320 px.
+            return np.bitwise_xor(pixels, 0x80).view(np.int8)[np.newaxis]
         info = np.iinfo(self.input_dtype)
         quantized = np.round(pixels.astype(np.float32) / scale) + zero_point
         return np.clip(quantized, info.min, info.max).astype(self.input_dtype)[np.newaxis]

@@ -75,7 +75,14 @@ def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
         argv += ["--weights", str(SHARED_WEIGHTS)]
     checkpoint = run(parse_args(argv))
     bundle = work / "bundle"
-    convert(checkpoint, bundle, calibration_count=16, max_drop=100.0, version="tiny-test")
+    convert(
+        checkpoint,
+        bundle,
+        calibration_count=16,
+        max_drop=100.0,
+        version="tiny-test",
+        float_twin=work / "float32.tflite",
+    )
     return bundle
 
 

@@ -50,6 +50,21 @@ def test_bundle_carries_labels_preprocessing_metrics_and_report(
     assert set(report["int8"]["test"]["per_class"]) == set(bundle.labels)
 
 
+def test_float_twin_is_the_float32_model_the_int8_one_came_from(tiny_bundle: Path) -> None:
+    # conftest converts with float_twin=<work>/float32.tflite, beside the bundle, not in it.
+    twin = tiny_bundle.parent / "float32.tflite"
+    bundle = load_bundle(tiny_bundle)
+    report = json.loads((tiny_bundle / "report.json").read_text())
+    assert twin.stat().st_size == report["model_bytes"]["float32"]
+    assert not any(p.suffix == ".tflite" and p != bundle.model_path for p in tiny_bundle.iterdir())
+    interpreter = Interpreter(model_path=str(twin))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    size = bundle.preprocessing.input_size
+    assert inp["dtype"] == np.float32 and tuple(inp["shape"]) == (1, size, size, 3)
+    assert out["dtype"] == np.float32 and out["shape"][-1] == len(bundle.labels)
+
+
 @pytest.mark.parametrize(
     "float_acc, int8_acc, allowed, fails",
     [

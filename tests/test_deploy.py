@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, free_port
 from deploy_files import DASHBOARD, DEPLOY, dashboard_expressions, rule_expressions
 
-from edge_service.config import load_config
+from edge_service.config import ReplayCameraConfig, load_config
 from edge_service.healthcheck import main as healthcheck_main
 from edge_service.metrics import ServiceMetrics
 from edge_service.server import RunningService
@@ -75,8 +75,10 @@ def test_edge_image_runs_as_a_user_and_checks_health_over_grpc() -> None:
     dockerfile = (DEPLOY / "edge" / "Dockerfile").read_text()
     final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
     assert re.search(r"^USER 10001:10001$", final_stage, re.MULTILINE)
-    port = load_config(DEPLOY / "edge" / "config.yaml").port
-    assert f'"smartbin-healthcheck", "--target", "127.0.0.1:{port}"' in final_stage
+    config = load_config(DEPLOY / "edge" / "config.yaml")
+    assert f'"smartbin-healthcheck", "--target", "127.0.0.1:{config.port}"' in final_stage
+    assert isinstance(config.camera, ReplayCameraConfig)
+    assert f"COPY edge_service/samples {config.camera.folder}\n" in final_stage
 
 
 def test_compose_file_is_valid_and_its_files_exist() -> None:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from conftest import free_port
 from deploy_files import DEPLOY, RULES, dashboard_expressions, rule_expressions
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
-from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
+from edge_service.const import SAMPLES_DIR
 from edge_service.healthcheck import check
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -118,20 +119,11 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="module")
-def served_bundle(request: pytest.FixtureRequest) -> Path:
-    """The bundle the image serves; the tests' tiny bundle where none is embedded."""
-    if (DEFAULT_BUNDLE_DIR / "manifest.json").is_file():
-        return DEFAULT_BUNDLE_DIR
-    return request.getfixturevalue("tiny_bundle")
-
-
-def start_edge(bundle: Path, port: int, metrics_port: int, work: Path) -> subprocess.Popen:
-    """``smartbin-serve`` with the compose file's service config, moved to loopback ports."""
+def start_edge(port: int, metrics_port: int, work: Path) -> subprocess.Popen:
+    """``smartbin-serve`` with the image's config (default bundle, replay camera) on loopback."""
     config = yaml.safe_load((DEPLOY / "edge" / "config.yaml").read_text())
     config["camera"]["folder"] = str(SAMPLES_DIR)  # the photos the image copies to that folder
     config.update(
-        bundle=str(bundle),
         host="127.0.0.1",
         port=port,
         metrics_host="127.0.0.1",
@@ -204,14 +196,12 @@ def counted_for_every_bin(api: Prometheus, calls: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fleet(
-    served_bundle: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Prometheus]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """An edge service, a central Prometheus and an agent, with a few calls already counted."""
     tool("prometheus")
     work = tmp_path_factory.mktemp("fleet")
     port, metrics_port, central_port, agent_port = (free_port() for _ in range(4))
-    processes = [start_edge(served_bundle, port, metrics_port, work)]
+    processes = [start_edge(port, metrics_port, work)]
     try:
         wait_for(lambda: check(f"127.0.0.1:{port}", timeout=1)[0], "the edge service")
         processes.append(start_central(metrics_port, central_port, work))
@@ -220,7 +210,7 @@ def fleet(
         wait_for(lambda: ready(api.url), "the central Prometheus")
         wait_for(lambda: ready(f"http://127.0.0.1:{agent_port}"), "the Prometheus agent")
         # Two rounds with scrapes between them, so every rate has two samples to compare.
-        images = sorted(tiny_data.rglob("*.jpg"))[:4]
+        images = sorted(SAMPLES_DIR.glob("*.jpg"))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = classifier_pb2_grpc.ClassifierStub(channel)
             for calls in (len(images), 2 * len(images)):

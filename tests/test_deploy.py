@@ -1,0 +1,173 @@
+"""The deployment files: Dockerfiles, compose file, service config, dashboard and health check.
+
+The images cannot be built here (no container engine); these tests check what can be checked
+without one, with the tools the dev extra installs (hadolint, docker-compose).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, free_port
+from deploy_files import DASHBOARD, DEPLOY, dashboard_expressions, rule_expressions
+
+from edge_service.config import ReplayCameraConfig, load_config
+from edge_service.healthcheck import main as healthcheck_main
+from edge_service.metrics import ServiceMetrics
+from edge_service.server import RunningService
+
+DOCKERFILES = sorted(DEPLOY.glob("*/Dockerfile"))
+
+
+def dev_tool(name: str) -> str:
+    """A tool the dev extra installs next to the interpreter running the tests."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} not found: install the dev extra (pip install -e '.[dev]')"
+    return found
+
+
+def declared_series() -> set[str]:
+    """Series names the service can export, from the declarations in edge_service/metrics.py."""
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["_bucket", "_count", "_sum"],
+        "info": ["_info"],
+    }
+    return {
+        family.name + suffix
+        for family in ServiceMetrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+
+
+def test_exactly_the_two_images_exist() -> None:
+    assert [path.parent.name for path in DOCKERFILES] == ["edge", "trainer"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.parent.name)
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [dev_tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_edge_image_installs_with_the_script_ci_tests() -> None:
+    dockerfile = (DEPLOY / "edge" / "Dockerfile").read_text()
+    smoke = (ROOT / ".ci" / "arm64-smoke").read_text()
+    assert "RUN deploy/install-edge.sh /opt/smartbin/venv /src" in dockerfile
+    assert "/src/deploy/install-edge.sh /opt/smartbin/venv /src" in smoke
+    assert "--only-binary=:all:" in (DEPLOY / "install-edge.sh").read_text()
+
+
+def test_edge_image_runs_as_a_user_and_checks_health_over_grpc() -> None:
+    dockerfile = (DEPLOY / "edge" / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"^USER 10001:10001$", final_stage, re.MULTILINE)
+    config = load_config(DEPLOY / "edge" / "config.yaml")
+    assert f'"smartbin-healthcheck", "--target", "127.0.0.1:{config.port}"' in final_stage
+    assert isinstance(config.camera, ReplayCameraConfig)
+    assert f"COPY edge_service/samples {config.camera.folder}\n" in final_stage
+
+
+def test_compose_file_is_valid_and_its_files_exist() -> None:
+    compose = [dev_tool("docker-compose"), "--project-directory", str(ROOT)]
+    compose += ["-f", str(ROOT / "docker-compose.yml")]
+    check = subprocess.run([*compose, "config", "-q"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    resolved = subprocess.run(
+        [*compose, "config", "--format", "json"], capture_output=True, text=True, check=True
+    )
+    services = json.loads(resolved.stdout)["services"]
+    assert set(services) == {"edge", "prometheus", "grafana"}
+    build = services["edge"]["build"]
+    assert Path(build["context"], build["dockerfile"]).is_file()
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":
+                assert Path(volume["source"]).exists(), f"{name} mounts a missing {volume}"
+
+
+def test_edge_config_is_a_valid_service_config_and_prometheus_scrapes_its_port() -> None:
+    config = load_config(DEPLOY / "edge" / "config.yaml")
+    central = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    agent = yaml.safe_load((DEPLOY / "prometheus" / "agent.yml").read_text())
+    assert central["scrape_configs"][0]["static_configs"][0]["targets"] == [
+        f"edge:{config.metrics_port}"
+    ]
+    assert agent["scrape_configs"][0]["static_configs"][0]["targets"] == [
+        f"127.0.0.1:{config.metrics_port}"
+    ]
+
+
+def test_dashboard_and_rules_use_only_declared_metrics() -> None:
+    recorded = {name for name in rule_expressions() if name.startswith("bin:")}
+    known = declared_series() | recorded
+    expressions = [expr for exprs in dashboard_expressions().values() for expr in exprs]
+    expressions += list(rule_expressions().values())
+    used = {name for expr in expressions for name in re.findall(r"[\w:]*smartbin_[\w:]+", expr)}
+    assert used, "no smartbin metric found: the parser above is broken"
+    assert used <= known, f"not declared in edge_service/metrics.py: {sorted(used - known)}"
+
+
+def test_dashboard_shows_what_operators_need() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+    text = json.dumps(dashboard)
+    for needed in [
+        'up{job=\\"smartbin\\"',
+        "smartbin_classifications_total",
+        "smartbin_unsure_total",
+        "smartbin_stage_seconds_bucket",
+        "smartbin_requests_total{code!=",
+        "smartbin_camera_up",
+        "count by (version) (smartbin_model_info",
+    ]:
+        assert needed in text, f"the fleet dashboard lacks {needed}"
+
+
+def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "smartbin.yml").read_text()
+    )
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['providers'][0]['options']['path']}:ro" in mounts
+
+
+def test_healthcheck_passes_on_a_serving_service(
+    service: RunningService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        healthcheck_main(["--target", f"127.0.0.1:{service.port}"])
+    assert exited.value.code == 0
+    assert "SERVING" in capsys.readouterr().out
+
+
+def test_healthcheck_fails_when_the_service_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        healthcheck_main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "1"])
+    assert exited.value.code == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_healthcheck_fails_while_the_service_drains(service: RunningService) -> None:
+    service.health.enter_graceful_shutdown()
+    with pytest.raises(SystemExit) as exited:
+        healthcheck_main(["--target", f"127.0.0.1:{service.port}"])
+    assert exited.value.code == 1

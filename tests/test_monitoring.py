@@ -1,0 +1,298 @@
+"""The alert rules and the fleet dashboard against a real Prometheus.
+
+Needs Debian's `prometheus` package (prometheus and promtool on PATH). Without it these tests are
+skipped, unless REQUIRE_PROMETHEUS=1 (set by .ci/deploy-checks), which makes its absence a failure.
+
+One edge service (a real ``smartbin-serve`` process) is watched as two bins, the two ways a fleet
+reports: Prometheus scrapes it directly as bin ``ci-scraped``, and a Prometheus agent configured
+from deploy/prometheus/agent.yml scrapes it as bin ``ci-agent`` and pushes by remote write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from conftest import free_port
+from deploy_files import DEPLOY, RULES, dashboard_expressions, rule_expressions
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+
+from edge_service.const import SAMPLES_DIR
+from edge_service.healthcheck import check
+
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+BINS = {"ci-scraped", "ci-agent"}
+# Grafana's variables, as Grafana would fill them in for "All bins, the last 5 minutes".
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "5m",
+    "$bin": ".*",
+}
+# Panels that rightly show nothing on a healthy fleet.
+NO_DATA_EXPECTED = {"Firing alerts": "a healthy fleet has none"}
+STARTUP_SECONDS = 60
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} not found: apt-get install prometheus"
+    if os.environ.get("REQUIRE_PROMETHEUS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float = STARTUP_SECONDS
+) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return json.load(reply)
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Prometheus:
+    """A Prometheus on loopback and the URL of its HTTP API."""
+
+    url: str
+
+    def query(self, expr: str) -> dict:
+        """Run an instant query; the reply's ``data`` (error replies raise with the message)."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            reply = http_json(url)
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"{expr!r} failed: {err.read().decode()}") from err
+        assert reply["status"] == "success", reply
+        return reply["data"]
+
+    def values(self, expr: str) -> list[float]:
+        data = self.query(expr)
+        if data["resultType"] == "scalar":
+            return [float(data["result"][1])]
+        return [float(sample["value"][1]) for sample in data["result"]]
+
+
+def start_process(command: list[str], log: Path, **kwargs: object) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, **kwargs)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_edge(port: int, metrics_port: int, work: Path) -> subprocess.Popen:
+    """``smartbin-serve`` with the image's config (default bundle, replay camera) on loopback."""
+    config = yaml.safe_load((DEPLOY / "edge" / "config.yaml").read_text())
+    config["camera"]["folder"] = str(SAMPLES_DIR)  # the photos the image copies to that folder
+    config.update(
+        host="127.0.0.1",
+        port=port,
+        metrics_host="127.0.0.1",
+        metrics_port=metrics_port,
+        num_threads=1,
+    )
+    (work / "edge.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "edge_service.server", "--config", str(work / "edge.yaml")]
+    return start_process(command, work / "edge.log")
+
+
+def start_central(metrics_port: int, port: int, work: Path) -> subprocess.Popen:
+    """The central Prometheus: scrapes bin ci-scraped, receives remote write, runs the rules."""
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"  # the shipped expressions, evaluated without the wait
+    (work / "alerts.yml").write_text(yaml.safe_dump(rules))
+    target = {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"bin": "ci-scraped"}}
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(work / "alerts.yml")],
+        "scrape_configs": [{"job_name": "smartbin", "static_configs": [target]}],
+    }
+    (work / "central.yml").write_text(yaml.safe_dump(config))
+    command = [
+        tool("prometheus"),
+        f"--config.file={work / 'central.yml'}",
+        f"--storage.tsdb.path={work / 'central-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-remote-write-receiver",
+    ]
+    return start_process(command, work / "central.log")
+
+
+def start_agent(metrics_port: int, central_port: int, port: int, work: Path) -> subprocess.Popen:
+    """deploy/prometheus/agent.yml as bin ci-agent, pushing to the central one, no password."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "agent.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+    remote = config["remote_write"][0]
+    remote["url"] = f"http://127.0.0.1:{central_port}/api/v1/write"
+    del remote["basic_auth"]
+    remote["queue_config"]["batch_send_deadline"] = "1s"
+    (work / "agent.yml").write_text(yaml.safe_dump(config))
+    command = [
+        tool("prometheus"),
+        "--enable-feature=agent,expand-external-labels",
+        f"--config.file={work / 'agent.yml'}",
+        f"--storage.agent.path={work / 'agent-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    return start_process(
+        command, work / "agent.log", env={**os.environ, "SMARTBIN_BIN": "ci-agent"}
+    )
+
+
+def classify_round(stub: classifier_pb2_grpc.ClassifierStub, images: list[Path]) -> None:
+    """What a bin's day is made of: uploads, a bad upload, a camera photo and a model reload."""
+    for image in images:
+        stub.Classify(classifier_pb2.ClassifyRequest(image=image.read_bytes()), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(classifier_pb2.ClassifyRequest(image=b"not a photo"), timeout=10)
+    stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
+    stub.ReloadModel(classifier_pb2.ReloadModelRequest(), timeout=60)
+
+
+def counted_for_every_bin(api: Prometheus, calls: int) -> bool:
+    counts = api.values('smartbin_requests_total{method="Classify", code="OK"}')
+    return len([count for count in counts if count >= calls]) == len(BINS)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """An edge service, a central Prometheus and an agent, with a few calls already counted."""
+    tool("prometheus")
+    work = tmp_path_factory.mktemp("fleet")
+    port, metrics_port, central_port, agent_port = (free_port() for _ in range(4))
+    processes = [start_edge(port, metrics_port, work)]
+    try:
+        wait_for(lambda: check(f"127.0.0.1:{port}", timeout=1)[0], "the edge service")
+        processes.append(start_central(metrics_port, central_port, work))
+        processes.append(start_agent(metrics_port, central_port, agent_port, work))
+        api = Prometheus(f"http://127.0.0.1:{central_port}")
+        wait_for(lambda: ready(api.url), "the central Prometheus")
+        wait_for(lambda: ready(f"http://127.0.0.1:{agent_port}"), "the Prometheus agent")
+        # Two rounds with scrapes between them, so every rate has two samples to compare.
+        images = sorted(SAMPLES_DIR.glob("*.jpg"))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            for calls in (len(images), 2 * len(images)):
+                classify_round(stub, images)
+                wait_for(
+                    lambda calls=calls: counted_for_every_bin(api, calls),
+                    f"{calls} calls counted for both bins",
+                )
+        wait_for(
+            lambda: len(api.values("bin:smartbin_unsure:ratio1h_avg1d")) == len(BINS),
+            "the recording rules",
+        )
+        yield api
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+def grafana_to_promql(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def test_rule_files_pass_promtool_check() -> None:
+    promtool = tool("promtool")
+    for command in (
+        ["check", "rules", str(RULES)],
+        ["check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
+        ["check", "config", "--agent", str(PROMETHEUS_DIR / "agent.yml")],
+    ):
+        result = subprocess.run([promtool, *command], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_pass_their_unit_tests() -> None:
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_both_ways_of_reporting_reach_the_central_prometheus(fleet: Prometheus) -> None:
+    data = http_json(
+        f"{fleet.url}/api/v1/label/bin/values?"
+        + urllib.parse.urlencode({"match[]": 'up{job="smartbin"}'})
+    )
+    assert set(data["data"]) == BINS
+    assert fleet.values('min(up{job="smartbin"})') == [1.0]
+
+
+def test_every_dashboard_query_runs_and_the_main_ones_show_data(fleet: Prometheus) -> None:
+    empty = []
+    for title, expressions in dashboard_expressions().items():
+        for expr in expressions:
+            if expr.startswith("label_values("):
+                continue  # a Grafana function; the bins test above asks the same question
+            values = fleet.values(grafana_to_promql(expr))
+            if title not in NO_DATA_EXPECTED and not any(math.isfinite(v) for v in values):
+                empty.append(f"{title}: {expr}")
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+def test_no_data_exceptions_are_still_dashboard_panels() -> None:
+    assert set(NO_DATA_EXPECTED) <= set(dashboard_expressions())
+
+
+def test_every_rule_runs_and_is_healthy_in_prometheus(fleet: Prometheus) -> None:
+    for expr in rule_expressions().values():
+        fleet.query(expr)  # raises with Prometheus's message if the expression is bad
+    rules = http_json(f"{fleet.url}/api/v1/rules")["data"]["groups"]
+    loaded = {rule["name"]: rule for group in rules for rule in group["rules"]}
+    assert set(loaded) == set(rule_expressions())
+    for name, rule in loaded.items():
+        assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
+    for recorded in ("bin:smartbin_classifications:increase1h", "bin:smartbin_unsure:ratio1h"):
+        assert len(fleet.values(recorded)) == len(BINS), recorded
+
+
+def test_a_healthy_fleet_raises_no_alert(fleet: Prometheus) -> None:
+    assert fleet.values('min(smartbin_camera_up{job="smartbin"})') == [1.0]
+    raised = {sample["metric"]["alertname"] for sample in fleet.query("ALERTS")["result"]}
+    assert not raised

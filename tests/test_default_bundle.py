@@ -45,7 +45,7 @@ def test_samples_match_the_golden_file() -> None:
     if os.environ.get("SMARTBIN_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         with GOLDEN.open("w", newline="") as handle:
-            csv.writer(handle).writerows(
+            csv.writer(handle, lineterminator="\n").writerows(
                 [("image", "label", "score")]
                 + [(name, label, f"{score:.4f}") for name, label, score in answers]
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -53,6 +54,10 @@ def bundle_row(folder: Path, repeats: int) -> dict[str, Any]:
     return row
 
 
+def _percent(value: float) -> str:
+    return "not measured" if math.isnan(value) else f"{value:.2%}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | input | float test | int8 test | int8 val | int8 test, camera shifts "
@@ -62,7 +67,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['architecture']} | {r['input']} | {r['float_test']:.2%} | {r['int8_test']:.2%} "
-            f"| {r['int8_val']:.2%} | {r['int8_shifted']:.2%} | {r['agreement_test']:.2%} "
+            f"| {r['int8_val']:.2%} | {_percent(r['int8_shifted'])} | {r['agreement_test']:.2%} "
             f"| {r['int8_mb']:.2f} "
             f"| {r['int8_ms_1t']:.1f} | {r['int8_ms_2t']:.1f} |"
         )

@@ -192,7 +192,7 @@ def test_a_new_category_is_served_after_a_reload_with_no_code_change(
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     synthetic_class_images(data / NEW_CATEGORY, NEW_CATEGORY, 12, seed=7)
-    bundle = train_and_convert(data, tmp_path / "train", epochs=1)
+    bundle = train_and_convert(data, tmp_path / "train", epochs=5)
     old_labels = load_bundle(tiny_bundle).labels
     camera_folder = tmp_path / "camera"
     synthetic_class_images(camera_folder, NEW_CATEGORY, 2, seed=7)

@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
-from edge_service.bundle import Bundle, load_bundle
+from edge_service.bundle import Bundle, BundleError, load_bundle
 from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
 from edge_service.model import Interpreter
 from edge_service.preprocess import decode_image, resize_and_crop
@@ -159,6 +159,24 @@ class BareModel:
             self.interpreter.invoke()
             times.append(time.perf_counter() - started)
         return times, time.process_time() - cpu
+
+
+def check_twin(bundle: Bundle, float_model: Path) -> None:
+    """Raises ValueError unless ``float_model`` is a float32 model of the bundle's shape."""
+    twin = BareModel(float_model, 1)
+    size = bundle.preprocessing.input_size
+    shape = (1, size, size, 3)
+    outputs = int(twin.output["shape"][-1])
+    if twin.dtype != np.float32 or tuple(twin.input["shape"]) != shape:
+        raise ValueError(
+            f"{float_model} takes {twin.dtype} {tuple(twin.input['shape'])}, not float32 {shape}: "
+            "pass the float32 twin of this bundle (smartbin-convert --float-twin)"
+        )
+    if outputs != len(bundle.labels):
+        raise ValueError(
+            f"{float_model} has {outputs} outputs, the bundle {len(bundle.labels)} labels: "
+            "pass the float32 twin of this bundle (smartbin-convert --float-twin)"
+        )
 
 
 def bench_invoke(models: dict[str, Path], threads: int, repeats: int) -> dict[str, Any]:
@@ -488,6 +506,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
             "serve_config": str(args.config) if args.config else None,
         },
     }
+    check_twin(bundle, args.float_model)
     models = {"int8": bundle.model_path, "float32": args.float_model}
     result["invoke"] = {}
     for threads in sorted({1, n}):
@@ -530,9 +549,10 @@ def format_table(result: dict[str, Any]) -> str:
             cpu += s["client_cpu_ms_per_call"]
         rate_text = f"{rate:9.1f}" if rate is not None else " " * 9
         cpu_text = f"{cpu:8.2f}" if cpu is not None else ""
-        lines.append(
+        line = (
             f"{name:<44}{s['p50_ms']:8.2f}{s['p95_ms']:8.2f}{s['p99_ms']:8.2f}{rate_text}{cpu_text}"
         )
+        lines.append(line.rstrip())
 
     for threads, by_model in result["invoke"].items():
         for name, s in by_model.items():
@@ -603,7 +623,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    result = run(args, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        result = run(args, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    except (BundleError, ValueError, RuntimeError) as err:
+        sys.exit(f"smartbin-bench: {err}")
     print(format_table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -72,3 +72,16 @@ def test_bench_refuses_a_missing_float_model(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--float-model", str(tmp_path / "absent.tflite")])
     assert exit_info.value.code == 2
+
+
+def test_bench_refuses_a_float_model_that_is_not_the_twin() -> None:
+    int8_model = str(DEFAULT_BUNDLE_DIR / "model.tflite")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--float-model", int8_model, "--seconds", "0.1", "--repeats", "1"])
+    assert "not float32 (1, 320, 320, 3)" in str(exit_info.value)
+
+
+def test_bench_refuses_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--bundle", str(tmp_path), "--seconds", "0.1", "--repeats", "1"])
+    assert "manifest.json not found" in str(exit_info.value)

@@ -12,16 +12,22 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edge_service.client import add_tls_arguments, open_channel
 from edge_service.const import DEFAULT_GRPC_PORT
 
 
-def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+def check(
+    target: str, service: str = "", timeout: float = 3.0, channel: grpc.Channel | None = None
+) -> tuple[bool, str]:
     """Ask the health service at ``target`` about ``service`` ("" is the whole server).
+
+    Args:
+        channel: an open channel to ``target`` (TLS, say); plaintext when None.
 
     Returns:
         Whether it is SERVING, and a one-line description of the answer.
     """
-    with grpc.insecure_channel(target) as channel:
+    with channel or grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -39,8 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--service", default="", help="service name to ask about; '' = server")
     parser.add_argument("--timeout", type=float, default=3.0, help="deadline, seconds")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
-    serving, description = check(args.target, args.service, args.timeout)
+    try:
+        channel = open_channel(args.target, args.ca, args.cert, args.key, args.server_name)
+    except ValueError as err:
+        sys.exit(f"smartbin-healthcheck: {err}")
+    serving, description = check(args.target, args.service, args.timeout, channel)
     print(description, file=sys.stdout if serving else sys.stderr)
     sys.exit(0 if serving else 1)
 

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
-from edge_service import client
+from edge_service import client, healthcheck
 from edge_service.config import TLSConfig
 from edge_service.server import RunningService, create_server
 
@@ -227,3 +227,18 @@ def test_unusable_certificates_stop_start_with_a_clear_error(
 ) -> None:
     with pytest.raises(ValueError, match=fragment):
         serve(tiny_bundle, broken(pki, tmp_path))
+
+
+def test_healthcheck_speaks_mtls(
+    mtls_service: RunningService, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--target", f"localhost:{mtls_service.port}"]
+    tls_flags = ["--ca", str(pki.ca.cert_path), "--cert", str(pki.client.cert)]
+    tls_flags += ["--key", str(pki.client.key)]
+    with pytest.raises(SystemExit) as healthy:
+        healthcheck.main([*target, *tls_flags])
+    assert healthy.value.code == 0
+    assert "SERVING" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        healthcheck.main(target)
+    assert refused.value.code == 1

@@ -47,6 +47,14 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--server-name", help="name on the service certificate, if not the host")
 
 
+def channel_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> grpc.Channel:
+    """The channel that ``--target`` and the TLS flags describe; a bad flag is a usage error."""
+    try:
+        return open_channel(args.target, args.ca, args.cert, args.key, args.server_name)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def classify_file(
     stub: classifier_pb2_grpc.ClassifierStub, path: Path, top_k: int, timeout: float
 ) -> classifier_pb2.ClassifyResponse:
@@ -70,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     add_tls_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        channel = open_channel(args.target, args.ca, args.cert, args.key, args.server_name)
-    except ValueError as err:
-        parser.error(str(err))
+    channel = channel_from_args(parser, args)
     failures = 0
     with channel:
         stub = classifier_pb2_grpc.ClassifierStub(channel)

@@ -12,7 +12,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge_service.client import add_tls_arguments, open_channel
+from edge_service.client import add_tls_arguments, channel_from_args
 from edge_service.const import DEFAULT_GRPC_PORT
 
 
@@ -47,11 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=3.0, help="deadline, seconds")
     add_tls_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        channel = open_channel(args.target, args.ca, args.cert, args.key, args.server_name)
-    except ValueError as err:
-        sys.exit(f"smartbin-healthcheck: {err}")
-    serving, description = check(args.target, args.service, args.timeout, channel)
+    serving, description = check(
+        args.target, args.service, args.timeout, channel_from_args(parser, args)
+    )
     print(description, file=sys.stdout if serving else sys.stderr)
     sys.exit(0 if serving else 1)
 

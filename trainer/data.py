@@ -83,59 +83,46 @@ def _load_hub(hub_id: str) -> ImageSet:
 
 
 def thumbnail(data: bytes) -> np.ndarray:
-    """A 32x32 greyscale thumbnail: the same photo re-encoded or resized gives nearly the same."""
+    """A 16x16 greyscale thumbnail, flattened: a resized or re-encoded copy is nearly equal."""
     with Image.open(io.BytesIO(data)) as image:
         image.draft("L", (64, 64))
-        return np.asarray(
-            image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32
-        )
-
-
-def difference_hash(thumb: np.ndarray) -> bytes:
-    """64-bit difference hash of a thumbnail, used to find candidate duplicates quickly."""
-    small = thumb.reshape(8, 4, 32).mean(axis=1).reshape(8, 8, 4).mean(axis=2)
-    return (
-        np.packbits(small[:, 1:] > small[:, :-1]).tobytes()
-        + np.packbits(small[1:, :] > small[:-1, :]).tobytes()
-    )
+        small = image.convert("L").resize((16, 16), Image.Resampling.BOX)
+        return np.asarray(small, dtype=np.float64).reshape(-1)
 
 
 def deduplicate(
-    samples: Sequence[Sample], max_mean_difference: float = 3.0
+    samples: Sequence[Sample], max_rms_difference: float = 2.0
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Keep the first sample of each photo, in key order.
 
-    A photo is a duplicate when its bytes are identical to an earlier one, or when it has the
-    same difference hash and its thumbnail differs by at most ``max_mean_difference`` grey levels
-    on average (a resized or re-encoded copy). The thumbnail check keeps distinct photos whose
-    hashes collide, such as plain sheets on a plain background.
+    A photo is a duplicate when its bytes are identical to an earlier one, or when its thumbnail
+    differs from a kept photo's by at most ``max_rms_difference`` grey levels (root mean square):
+    a resized or re-encoded copy, like the full-size and resized twins of the hub's TrashNet.
 
     Returns:
         The kept samples and ``(dropped_key, kept_key)`` pairs.
     """
+    ordered = sorted(samples, key=lambda s: s.key)
+    thumbs = np.stack([thumbnail(s.data) for s in ordered]) if ordered else np.empty((0, 256))
+    squares = (thumbs**2).sum(axis=1)
+    limit = max_rms_difference**2 * thumbs.shape[1]
     by_digest: dict[str, str] = {}
-    by_hash: dict[bytes, list[tuple[str, np.ndarray]]] = {}
-    kept, dropped = [], []
-    for sample in sorted(samples, key=lambda s: s.key):
+    kept_rows: list[int] = []
+    dropped = []
+    for row, sample in enumerate(ordered):
         first = by_digest.get(sample.digest)
-        thumb = thumbnail(sample.data)
-        candidates = by_hash.setdefault(difference_hash(thumb), [])
-        if first is None:
-            first = next(
-                (
-                    key
-                    for key, other in candidates
-                    if np.abs(other - thumb).mean() <= max_mean_difference
-                ),
-                None,
-            )
+        if first is None and kept_rows:
+            # Squared distances to every kept thumbnail at once: |a|^2 + |b|^2 - 2 a.b
+            distances = squares[kept_rows] + squares[row] - 2 * thumbs[kept_rows] @ thumbs[row]
+            nearest = int(np.argmin(distances))
+            if distances[nearest] <= limit:
+                first = ordered[kept_rows[nearest]].key
         if first is not None:
             dropped.append((sample.key, first))
             continue
         by_digest[sample.digest] = sample.key
-        candidates.append((sample.key, thumb))
-        kept.append(sample)
-    return kept, dropped
+        kept_rows.append(row)
+    return [ordered[row] for row in kept_rows], dropped
 
 
 def split_samples(

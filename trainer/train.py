@@ -216,7 +216,7 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step=scheduler.last_epoch)  # warm-up needs the step
         total += len(targets)
         correct += int((logits.argmax(1) == targets).sum())
         loss_sum += loss.item() * len(targets)

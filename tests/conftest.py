@@ -61,6 +61,8 @@ def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
         str(TINY_SIZE),
         "--epochs",
         str(epochs),
+        "--patience",  # a tiny val side is noisy: train every epoch asked for
+        str(epochs),
         "--batch-size",
         "8",
         "--workers",

@@ -9,29 +9,11 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from edge_service.bench import bench_invoke
 from edge_service.bundle import load_bundle
-from edge_service.model import TFLiteClassifier
-
-
-def invoke_ms(classifier: TFLiteClassifier, repeats: int) -> float:
-    """Median wall time of one model call on a fixed random image, in milliseconds."""
-    size = classifier.bundle.preprocessing.input_size
-    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    for _ in range(5):
-        classifier.logits(pixels)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        classifier.logits(pixels)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def bundle_row(folder: Path, repeats: int) -> dict[str, Any]:
@@ -50,7 +32,8 @@ def bundle_row(folder: Path, repeats: int) -> dict[str, Any]:
         "float_mb": report["model_bytes"]["float32"] / 1e6,
     }
     for threads in (1, 2):
-        row[f"int8_ms_{threads}t"] = invoke_ms(TFLiteClassifier(bundle, threads), repeats)
+        timing = bench_invoke({"int8": bundle.model_path}, threads, repeats)["int8"]
+        row[f"int8_ms_{threads}t"] = timing["p50_ms"]
     return row
 
 

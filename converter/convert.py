@@ -151,10 +151,9 @@ def convert(
         bundle = write_bundle(
             staging, int8_model, labels, spec, version, "int8", checkpoint["arch"], source=source
         )
-        report = measure(
-            model, TFLiteClassifier(bundle), {"val": sides["val"], "test": sides["test"]}, labels
-        )
-        report["int8_test_shifted"] = measure_shifted(TFLiteClassifier(bundle), sides["test"])
+        classifier = TFLiteClassifier(bundle)
+        report = measure(model, classifier, {"val": sides["val"], "test": sides["test"]}, labels)
+        report["int8_test_shifted"] = measure_shifted(classifier, sides["test"])
         report["model_bytes"] = {"float32": len(float_model), "int8": len(int8_model)}
         check_parity(report, max_drop)
         write_bundle(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
+from converter.compare import bundle_row, markdown
 from converter.convert import ParityError, check_parity
 from edge_service.bundle import load_bundle
 
@@ -80,3 +81,12 @@ def test_parity_gate(float_acc: float, int8_acc: float, allowed: float, fails: b
             check_parity(report, allowed)
     else:
         check_parity(report, allowed)
+
+
+def test_compare_reports_accuracy_size_and_latency(tiny_bundle: Path) -> None:
+    row = bundle_row(tiny_bundle, repeats=3)
+    report = json.loads((tiny_bundle / "report.json").read_text())
+    assert row["int8_test"] == report["int8"]["test"]["accuracy"]
+    assert row["int8_mb"] == report["model_bytes"]["int8"] / 1e6
+    assert row["int8_ms_1t"] > 0 and row["int8_ms_2t"] > 0
+    assert row["architecture"] in markdown([row])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
+import queue
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,32 +29,41 @@ class Prediction:
 class TFLiteClassifier:
     """One loaded bundle: turns prepared pixels into ranked label probabilities.
 
-    The interpreter is built once; a lock serialises calls because an interpreter holds one
-    set of tensors. The model is read into memory and its sha256 checked on those very bytes:
-    a file mapped from disk could be overwritten under a running model by the next bundle.
+    Interpreters are built once. Each holds one set of tensors, so it runs one call at a time;
+    with ``interpreters`` above 1, that many calls run side by side (about 10 MB each). The
+    model is read into memory and its sha256 checked on those very bytes: a file mapped from
+    disk could be overwritten under a running model by the next bundle.
 
     Raises:
         BundleError: the model file changed since the bundle was verified.
         ValueError: the interpreter refuses the model, or its shapes contradict the manifest.
     """
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, num_threads: int | None = None, interpreters: int = 1
+    ) -> None:
         self.bundle = bundle
         threads = num_threads or os.cpu_count() or 1
         content = bundle.model_path.read_bytes()
         if hashlib.sha256(content).hexdigest() != bundle.sha256:
             raise BundleError(f"{bundle.model_path} changed since its sha256 was checked")
         try:
-            self._interpreter = Interpreter(model_content=content, num_threads=threads)
-            self._interpreter.allocate_tensors()
+            pool = [
+                Interpreter(model_content=content, num_threads=threads) for _ in range(interpreters)
+            ]
+            for interpreter in pool:
+                interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             # The interpreter's own words ("Constant buffer 58 ...") do not say which file.
             raise ValueError(
                 f"{bundle.model_path} is not a model the TFLite interpreter can run: {err}"
             ) from err
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        self._lock = threading.Lock()
+        self._input = pool[0].get_input_details()[0]
+        self._output = pool[0].get_output_details()[0]
+        # Last in, first out: a lone caller keeps the interpreter whose caches are warm.
+        self._idle: queue.LifoQueue[Interpreter] = queue.LifoQueue()
+        for interpreter in pool:
+            self._idle.put(interpreter)
         expected = (1, bundle.preprocessing.input_size, bundle.preprocessing.input_size, 3)
         if tuple(self._input["shape"]) != expected:
             raise ValueError(
@@ -86,10 +95,13 @@ class TFLiteClassifier:
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Raw (dequantised) model outputs for one uint8 HWC image."""
         tensor = self._quantize_input(pixels)
-        with self._lock:
-            self._interpreter.set_tensor(self._input["index"], tensor)
-            self._interpreter.invoke()
-            raw = self._interpreter.get_tensor(self._output["index"])[0].copy()
+        interpreter = self._idle.get()
+        try:
+            interpreter.set_tensor(self._input["index"], tensor)
+            interpreter.invoke()
+            raw = interpreter.get_tensor(self._output["index"])[0].copy()
+        finally:
+            self._idle.put(interpreter)
         scale, zero_point = self._output["quantization"]
         if scale:
             return (raw.astype(np.float32) - zero_point) * scale

@@ -50,14 +50,14 @@ def smoke_test(classifier: TFLiteClassifier) -> None:
         raise ReloadError("smoke inference gave NaN or infinite scores")
 
 
-def load_checked(path: Path, num_threads: int | None) -> TFLiteClassifier:
+def load_checked(path: Path, num_threads: int | None, interpreters: int = 1) -> TFLiteClassifier:
     """Load, verify and smoke-test the bundle at ``path``.
 
     Raises:
         ReloadError: with the reason the bundle cannot be served.
     """
     try:
-        classifier = TFLiteClassifier(load_bundle(path), num_threads)
+        classifier = TFLiteClassifier(load_bundle(path), num_threads, interpreters)
     except BundleError as err:
         raise ReloadError(str(err)) from err
     except (ValueError, RuntimeError) as err:  # the interpreter refuses the model file
@@ -77,9 +77,11 @@ class ModelSlot:
         classifier: TFLiteClassifier,
         num_threads: int | None,
         metrics: ServiceMetrics,
+        interpreters: int = 1,
     ) -> None:
         self.current = classifier
         self._num_threads = num_threads
+        self._interpreters = interpreters
         self._metrics = metrics
         self._lock = threading.Lock()  # one reload at a time
         self._publish(classifier)
@@ -92,7 +94,7 @@ class ModelSlot:
         """
         with self._lock:
             try:
-                classifier = load_checked(path, self._num_threads)
+                classifier = load_checked(path, self._num_threads, self._interpreters)
             except ReloadError as err:
                 self._metrics.reloads.labels("failed").inc()
                 logger.error("model reload from %s refused: %s", path, err)

@@ -48,7 +48,7 @@ class BinRuntime:
         set_health: Callable[[str, bool], None],
     ) -> None:
         self.config = config
-        self.models = ModelSlot(classifier, config.num_threads, metrics)
+        self.models = ModelSlot(classifier, config.num_threads, metrics, config.interpreters)
         store = UnsureStore(config.unsure_images) if config.unsure_images else None
         self.pipeline = Pipeline(metrics, config.confidence_threshold, store)
         self.hub = EventHub(config.event_queue_size, config.max_watchers, metrics)

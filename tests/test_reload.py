@@ -165,12 +165,13 @@ def test_a_call_in_flight_finishes_on_the_model_it_started_on(
     old = service.runtime.models.current
     new = copy_bundle(tiny_bundle, tmp_path / "v2", version="tiny-test-2")
     with futures.ThreadPoolExecutor(1) as pool:
-        with old._lock:  # hold the old interpreter: the call stops just before invoke
-            in_flight = pool.submit(classify, stub, a_photo(tiny_data))
-            time.sleep(0.5)  # it has read the model, decoded and preprocessed by now
-            stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(new)), timeout=30)
-            assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test-2"
-            assert not in_flight.done()
+        held = old._idle.get()  # hold the old interpreter: the call stops just before invoke
+        in_flight = pool.submit(classify, stub, a_photo(tiny_data))
+        time.sleep(0.5)  # it has read the model, decoded and preprocessed by now
+        stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(new)), timeout=30)
+        assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test-2"
+        assert not in_flight.done()
+        old._idle.put(held)
         assert in_flight.result(timeout=10).model_version == "tiny-test"
 
 

@@ -76,6 +76,7 @@ def test_metrics_count_the_request(
     assert 'smartbin_requests_total{code="OK",method="Classify"} 1.0' in text
     assert "smartbin_inference_seconds_count 1.0" in text
     assert "smartbin_model_info{" in text and 'version="tiny-test"' in text
+    assert "_created" not in text  # one series per metric, not two, in every bin's Prometheus
 
 
 def test_non_image_bytes_are_invalid_argument_and_server_keeps_serving(

@@ -213,9 +213,11 @@ class CameraFeed:
         self._up = False
         self._down = False  # failed since the last frame; neither while the first open runs
         self.last_error = "camera not opened yet"
+        self._read_started: float | None = None  # time.monotonic() of the read in progress
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="camera-feed", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="camera-watchdog", daemon=True)
 
     @property
     def up(self) -> bool:
@@ -229,6 +231,7 @@ class CameraFeed:
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -236,6 +239,7 @@ class CameraFeed:
             self._changed.notify_all()
         if self._thread.ident is None:
             return  # never started
+        self._watchdog.join(timeout)
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("camera feed did not stop within %.1f s", timeout)
@@ -281,8 +285,11 @@ class CameraFeed:
     def _read_until_failure(self) -> None:
         interval = self.config.frame_interval_seconds
         while not self._stop.is_set():
-            started = time.monotonic()
-            image = self.camera.read()
+            started = self._read_started = time.monotonic()
+            try:
+                image = self.camera.read()
+            finally:
+                self._read_started = None
             frame = Frame(image, started, time.monotonic() - started)
             with self._changed:
                 self._latest = frame
@@ -291,6 +298,20 @@ class CameraFeed:
             if self._on_frame is not None:
                 self._on_frame(frame)
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def _watch(self) -> None:
+        """Report the camera down while a read hangs; the next frame brings it back up.
+
+        A driver stuck inside a read raises nothing, so without this the camera would look up
+        (health, ``smartbin_camera_up``) while every trigger timed out.
+        """
+        stall = self.config.stall_seconds
+        while not self._stop.wait(min(stall / 4, 1.0)):
+            started = self._read_started
+            if self._up and started is not None and time.monotonic() - started > stall:
+                self._failed(
+                    f"a frame read has not returned for {stall:.1f} s: the camera is stuck"
+                )
 
     def _failed(self, reason: str) -> None:
         self.last_error = reason

@@ -26,6 +26,12 @@ class _CameraCommon(_Section):
     capture_timeout_seconds: float = Field(
         3.0, gt=0.0, description="longest wait for a fresh frame after a trigger"
     )
+    stall_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        description="a frame read that has not returned after this long marks the camera down "
+        "(a driver stuck inside a read raises nothing)",
+    )
     retry_min_seconds: float = Field(0.5, gt=0.0, description="first wait before reopening")
     retry_max_seconds: float = Field(30.0, gt=0.0, description="longest wait between reopens")
 

@@ -4,7 +4,9 @@ WatchEvents, unsure photos and a camera that goes away and comes back."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import stat
 import threading
 import time
 import urllib.request
@@ -199,6 +201,55 @@ def test_a_vanished_camera_is_reported_and_retried_while_classify_keeps_serving(
         text = scrape(bin_.service)
         assert "smartbin_camera_up 1.0" in text
         assert 'smartbin_triggers_total{outcome="camera_down",source="rpc"} 1.0' in text
+
+
+def blocked_reader(fifos: list[Path]) -> int:
+    """The write end of whichever FIFO a reader is blocked on (the others have no reader)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for fifo in fifos:
+            try:
+                descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: nobody reads this one
+                continue
+            os.set_blocking(descriptor, True)
+            return descriptor
+        time.sleep(0.02)
+    raise AssertionError("no camera read is blocked on a FIFO")
+
+
+def test_a_camera_read_that_hangs_is_reported_and_recovers(
+    tiny_bundle: Path, replay_folder: Path
+) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    camera = replay_camera(replay_folder, stall_seconds=0.5)
+    with running(local_config(tiny_bundle, camera=camera)) as bin_:
+        wait_for(camera_is(bin_, serving))
+        # A FIFO with no writer blocks the read inside open(2), as a stuck driver would.
+        photos_by_name = {p: p.read_bytes() for p in sorted(replay_folder.iterdir())}
+        for path in photos_by_name:
+            path.unlink()
+            os.mkfifo(path)
+        wait_for(camera_is(bin_, not_serving))
+        assert "smartbin_camera_up 0.0" in scrape(bin_.service)
+        with pytest.raises(grpc.RpcError) as caught:
+            bin_.stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "stuck" in caught.value.details()
+
+        descriptor = blocked_reader(list(photos_by_name))
+        for path, content in photos_by_name.items():  # the other photos come back first
+            if not os.path.samefile(path, f"/proc/self/fd/{descriptor}"):
+                path.unlink()
+                path.write_bytes(content)
+        blocked = next(p for p in photos_by_name if stat.S_ISFIFO(p.stat().st_mode))
+        os.write(descriptor, photos_by_name[blocked])
+        os.close(descriptor)  # the hung read returns with a whole photo
+        blocked.unlink()
+        blocked.write_bytes(photos_by_name[blocked])
+        wait_for(camera_is(bin_, serving))
+        assert bin_.stub.Capture(classifier_pb2.CaptureRequest(), timeout=10).predictions
 
 
 @pytest.mark.parametrize(

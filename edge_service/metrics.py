@@ -23,7 +23,9 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 class ServiceMetrics:
     """All metrics the service exports."""
 
-    def __init__(self) -> None:
+    def __init__(self, camera: bool = True) -> None:
+        """``camera``: whether this service has a camera; without one ``smartbin_camera_up`` is
+        not exported, so a fleet's "cameras down" count does not include camera-less services."""
         # A `_created` timestamp beside every counter and histogram would be a third of each
         # bin's series in Prometheus, and no dashboard or alert reads it (a process-wide switch).
         disable_created_metrics()
@@ -74,7 +76,9 @@ class ServiceMetrics:
             registry=r,
         )
         self.camera_up = Gauge(
-            "smartbin_camera_up", "1 while the camera delivers frames", registry=r
+            "smartbin_camera_up",
+            "1 while the camera delivers frames",
+            registry=r if camera else None,
         )
         self.camera_errors = Counter(
             "smartbin_camera_errors", "failed camera opens or reads", registry=r

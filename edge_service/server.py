@@ -269,7 +269,7 @@ def create_server(config: ServiceConfig) -> RunningService:
     bundle = load_bundle(config.bundle)
     classifier = TFLiteClassifier(bundle, config.num_threads, config.interpreters)
     credentials = server_credentials(config.tls) if config.tls else None
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(camera=config.camera is not None)
     metrics.build_info.info(
         {
             "version": service_version(),

@@ -77,6 +77,7 @@ def test_metrics_count_the_request(
     assert "smartbin_inference_seconds_count 1.0" in text
     assert "smartbin_model_info{" in text and 'version="tiny-test"' in text
     assert "_created" not in text  # one series per metric, not two, in every bin's Prometheus
+    assert "smartbin_camera_up" not in text  # no camera configured: not counted as one down
 
 
 def test_non_image_bytes_are_invalid_argument_and_server_keeps_serving(

@@ -423,7 +423,10 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         logger.error("%s", err)
         sys.exit(f"smartbin-serve: port in use or not available: {err}")
-    stop_requested.wait()
+    # A timed wait: the main thread runs signal handlers only when it runs Python code, and
+    # a wait with no timeout was seen to miss a SIGTERM for good while calls were running.
+    while not stop_requested.wait(timeout=0.5):
+        pass
     # Health turns NOT_SERVING first, then calls in flight get the grace period to finish.
     logger.info(
         "signal %d: draining calls in flight for up to %.1f s", received[0], config.grace_seconds

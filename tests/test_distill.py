@@ -60,10 +60,10 @@ def test_student_trains_from_a_teacher_of_the_same_split(
     argv = ["--split", str(split), "--init", str(teacher), "--teacher", str(teacher)]
     checkpoint = run(parse_args(student_args(tiny_data, tmp_path, *argv)))
 
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert (
         saved["split"]["fingerprint"]
-        == torch.load(teacher, weights_only=False)["split"]["fingerprint"]
+        == torch.load(teacher, weights_only=True)["split"]["fingerprint"]
     )
     recorded = yaml.safe_load((checkpoint.parent / "args.yaml").read_text())
     assert recorded["teacher"] == [str(teacher)] and recorded["init"] == str(teacher)

@@ -22,7 +22,7 @@ def load_checkpoint(path: Path, labels: list[str], fingerprint: str) -> dict[str
     A model trained on another split has seen this run's val or test photos: learning from it,
     or starting from it, would leak them into the figures.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint["labels"] != labels:
         raise ValueError(f"{path} has labels {checkpoint['labels']}, this run {labels}")
     if checkpoint["split"]["fingerprint"] != fingerprint:

@@ -11,8 +11,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 from PIL import Image, ImageDraw
 
+from edge_service.bundle import Bundle
 from edge_service.config import ServiceConfig
 from edge_service.server import RunningService, create_server
 
@@ -137,3 +139,15 @@ def slow_png(width: int = 6000, height: int = 5000) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def open_float_twin(path: Path, bundle: Bundle) -> tuple[Interpreter, dict, dict]:
+    """The float32 twin of ``bundle`` at ``path``, checked to take float32 pixels of the
+    bundle's input size and give one float32 score per label; with its input and output."""
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    size = bundle.preprocessing.input_size
+    assert inp["dtype"] == np.float32 and tuple(inp["shape"]) == (1, size, size, 3)
+    assert out["dtype"] == np.float32 and out["shape"][-1] == len(bundle.labels)
+    return interpreter, inp, out

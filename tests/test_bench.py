@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ai_edge_litert.interpreter import Interpreter
+from conftest import open_float_twin
 
 from edge_service import bench
 from edge_service.bundle import load_bundle
@@ -21,12 +21,7 @@ STATS = {"p50_ms", "p95_ms", "p99_ms", "mean_ms", "count"}
 
 def test_float_twin_is_the_default_bundle_in_float32() -> None:
     bundle = load_bundle(DEFAULT_BUNDLE_DIR)
-    interpreter = Interpreter(model_path=str(DEFAULT_FLOAT_TWIN))
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    size = bundle.preprocessing.input_size
-    assert inp["dtype"] == np.float32 and tuple(inp["shape"]) == (1, size, size, 3)
-    assert out["dtype"] == np.float32 and out["shape"][-1] == len(bundle.labels)
+    interpreter, inp, out = open_float_twin(DEFAULT_FLOAT_TWIN, bundle)
     # Same answers as the int8 model on the sample photos, each named after its category.
     for path in sorted(SAMPLES_DIR.glob("*.jpg")):
         pixels = prepare(path.read_bytes(), bundle.preprocessing)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
+from conftest import open_float_twin
 
 from converter.compare import bundle_row, markdown
 from converter.convert import ParityError, check_parity
@@ -58,12 +59,7 @@ def test_float_twin_is_the_float32_model_the_int8_one_came_from(tiny_bundle: Pat
     report = json.loads((tiny_bundle / "report.json").read_text())
     assert twin.stat().st_size == report["model_bytes"]["float32"]
     assert not any(p.suffix == ".tflite" and p != bundle.model_path for p in tiny_bundle.iterdir())
-    interpreter = Interpreter(model_path=str(twin))
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    size = bundle.preprocessing.input_size
-    assert inp["dtype"] == np.float32 and tuple(inp["shape"]) == (1, size, size, 3)
-    assert out["dtype"] == np.float32 and out["shape"][-1] == len(bundle.labels)
+    open_float_twin(twin, bundle)
 
 
 @pytest.mark.parametrize(

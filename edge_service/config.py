@@ -181,6 +181,11 @@ class ServiceConfig(BaseModel):
         32, ge=1, le=10_000, description="events buffered per WatchEvents stream"
     )
     max_watchers: int = Field(4, ge=0, description="open WatchEvents streams allowed at once")
+    reload_dirs: list[Path] = Field(
+        default_factory=list,
+        description="folders ReloadModel may load bundles from besides the one holding the "
+        "configured bundle",
+    )
     watch_bundle_seconds: float = Field(
         0.0, ge=0.0, description="poll the bundle folder this often and reload on change; 0: off"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,34 @@ logger = logging.getLogger(__name__)
 
 class ReloadError(Exception):
     """A bundle was refused; the message says why. The served model is unchanged."""
+
+
+class OutsideReloadDirs(Exception):
+    """A reload named a folder the service does not load bundles from."""
+
+
+def reload_target(requested: str, served: Path, reload_dirs: Sequence[Path] = ()) -> Path:
+    """The bundle folder a reload names: ``served`` when empty; a relative name is taken from
+    the folder holding ``served``.
+
+    Only that folder and ``reload_dirs`` are open to callers, so a caller cannot make the
+    service open arbitrary files or probe which exist. Links are resolved first.
+
+    Raises:
+        OutsideReloadDirs: the folder lies elsewhere; the message names the open folders.
+    """
+    if not requested:
+        return served
+    home = served.parent
+    target = (home / requested).resolve()
+    roots = [root.resolve() for root in (home, *reload_dirs)]
+    if not any(target.is_relative_to(root) for root in roots):
+        raise OutsideReloadDirs(
+            f"{requested} is outside the folders this bin loads bundles from "
+            f"({', '.join(map(str, roots))}): copy the bundle next to the served one, "
+            "or add its folder to reload_dirs in the service config"
+        )
+    return target
 
 
 def smoke_test(classifier: TFLiteClassifier) -> None:

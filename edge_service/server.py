@@ -36,7 +36,7 @@ from edge_service.guard import CallGuard, abort_if_expired
 from edge_service.metrics import ServiceMetrics
 from edge_service.model import Prediction, TFLiteClassifier
 from edge_service.preprocess import ImageDecodeError, decode_image
-from edge_service.reload import ReloadError
+from edge_service.reload import OutsideReloadDirs, ReloadError, reload_target
 from edge_service.runtime import BinRuntime
 from edge_service.tls import server_credentials
 
@@ -204,7 +204,10 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     def ReloadModel(
         self, request: classifier_pb2.ReloadModelRequest, context: grpc.ServicerContext
     ) -> classifier_pb2.ModelInfo:
-        path = Path(request.bundle_path) if request.bundle_path else self.config.bundle
+        try:
+            path = reload_target(request.bundle_path, self.config.bundle, self.config.reload_dirs)
+        except OutsideReloadDirs as err:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
         serving = self.classifier.bundle.version
         try:
             classifier = self.runtime.models.reload(path)

@@ -114,8 +114,11 @@ def local_config(bundle: Path, **overrides: object) -> ServiceConfig:
 
 
 @pytest.fixture
-def service(tiny_bundle: Path) -> Iterator[RunningService]:
-    running = create_server(local_config(tiny_bundle))
+def service(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    # Tests offer bundles from their own temporary folders.
+    running = create_server(local_config(tiny_bundle, reload_dirs=[tmp_path_factory.getbasetemp()]))
     yield running
     running.stop(grace=1)
 

@@ -338,7 +338,7 @@ def half_copied(source: Path, target: Path, damage: Callable[[Path], None]) -> P
 def test_damaged_bundles_offered_for_reload_are_refused_under_load(
     tiny_bundle: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, tiny_bundle)
+    config = write_config(tmp_path, tiny_bundle, reload_dirs=[str(tmp_path)])
     server = spawn_service(["--config", str(config)], cwd=tmp_path)
     channel = grpc.insecure_channel(server.target)
     stub = classifier_pb2_grpc.ClassifierStub(channel)

@@ -155,6 +155,34 @@ def test_a_bad_bundle_is_refused_and_the_old_model_keeps_serving(
     assert 'smartbin_model_reloads_total{outcome="failed"} 1.0' in scrape(service)
 
 
+def test_reload_loads_only_from_the_bundle_folders(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    bundles = tmp_path / "bundles"
+    served = copy_bundle(tiny_bundle, bundles / "current", version="tiny-test")
+    elsewhere = copy_bundle(tiny_bundle, tmp_path / "elsewhere" / "v2", version="outside")
+    (bundles / "link").symlink_to(elsewhere)
+    running = create_server(local_config(served))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            for offered in (str(elsewhere), "../elsewhere/v2", "link", "/etc"):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ReloadModel(
+                        classifier_pb2.ReloadModelRequest(bundle_path=offered), timeout=30
+                    )
+                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, offered
+                assert "reload_dirs" in caught.value.details()
+                assert str(bundles) in caught.value.details()
+            assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test"
+            # A bundle copied next to the served one loads by its folder name.
+            copy_bundle(tiny_bundle, bundles / "v3", version="next-to-it")
+            request = classifier_pb2.ReloadModelRequest(bundle_path="v3")
+            assert stub.ReloadModel(request, timeout=30).model_version == "next-to-it"
+    finally:
+        running.stop(grace=1)
+
+
 def test_a_call_in_flight_finishes_on_the_model_it_started_on(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
@@ -211,6 +239,7 @@ def test_a_new_category_is_served_after_a_reload_with_no_code_change(
     config = local_config(
         tiny_bundle,
         camera={"type": "replay", "folder": camera_folder, "frame_interval_seconds": 0.05},
+        reload_dirs=[tmp_path],
     )
     running = create_server(config)
     try:

@@ -106,6 +106,8 @@ class ClassifierServicer:
         (manifest, sha256 of the model, a smoke inference). Calls in flight finish on the old model.
         FAILED_PRECONDITION: the bundle is missing, corrupt or fails its smoke test (the message
         says why); the old model keeps serving.
+        PERMISSION_DENIED: the folder lies outside those the service loads bundles from (the one
+        holding its configured bundle, and its reload_dirs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

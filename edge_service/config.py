@@ -181,6 +181,9 @@ class ServiceConfig(BaseModel):
         32, ge=1, le=10_000, description="events buffered per WatchEvents stream"
     )
     max_watchers: int = Field(4, ge=0, description="open WatchEvents streams allowed at once")
+    max_health_watchers: int = Field(
+        2, ge=0, description="open grpc.health.v1 Watch streams allowed at once"
+    )
     reload_dirs: list[Path] = Field(
         default_factory=list,
         description="folders ReloadModel may load bundles from besides the one holding the "
@@ -206,11 +209,12 @@ def verify_triggers_have_camera(config: ServiceConfig) -> None:
 
 
 def verify_watchers_leave_workers(config: ServiceConfig) -> None:
-    # Each WatchEvents stream holds a gRPC worker thread for as long as it is open.
-    if config.max_watchers >= config.max_workers:
+    # Each WatchEvents or health Watch stream holds a gRPC worker thread while it is open.
+    if config.max_watchers + config.max_health_watchers >= config.max_workers:
         raise ValueError(
-            f"max_watchers ({config.max_watchers}) must be below max_workers "
-            f"({config.max_workers}) so that other calls still get a worker"
+            f"max_watchers ({config.max_watchers}) plus max_health_watchers "
+            f"({config.max_health_watchers}) must be below max_workers ({config.max_workers}) "
+            "so that other calls still get a worker"
         )
 
 

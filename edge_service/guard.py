@@ -8,11 +8,13 @@ it queued for a worker; ``abort_if_expired`` lets a handler stop between its sta
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2
 
 from edge_service.metrics import ServiceMetrics
 
@@ -108,3 +110,35 @@ class CallGuard(grpc.ServerInterceptor):
                 self.metrics.in_flight.dec()
 
         return unary_stream
+
+
+class BoundedHealth(health.HealthServicer):
+    """grpc's health service with a cap on open Watch streams.
+
+    Each open watch holds a gRPC worker thread, so unbounded watchers could take every worker
+    and stop all other calls. grpc's callback-based (non-blocking) Watch would hold none, but it
+    sends while holding the servicer's lock, and a watcher leaving at that moment needs the same
+    lock on gRPC's polling thread: the service can then hang, at shutdown most often.
+    """
+
+    def __init__(self, max_watchers: int) -> None:
+        super().__init__(experimental_non_blocking=False)
+        self.max_watchers = max_watchers
+        self._open = threading.BoundedSemaphore(max_watchers)
+
+    def Watch(  # noqa: N802 (the gRPC method name)
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: None = None,
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
+        if not self._open.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watchers} health watches are open already (max_health_watchers): "
+                "poll with Check instead",
+            )
+        try:
+            yield from super().Watch(request, context)
+        finally:
+            self._open.release()

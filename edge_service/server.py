@@ -32,7 +32,7 @@ from edge_service.classify import Timings, TopKError, check_top_k
 from edge_service.config import ServiceConfig, load_config
 from edge_service.const import API_VERSION, service_version
 from edge_service.events import Event, TooManyWatchers
-from edge_service.guard import CallGuard, abort_if_expired
+from edge_service.guard import BoundedHealth, CallGuard, abort_if_expired
 from edge_service.metrics import ServiceMetrics
 from edge_service.model import Prediction, TFLiteClassifier
 from edge_service.preprocess import ImageDecodeError, decode_image
@@ -280,7 +280,7 @@ def create_server(config: ServiceConfig) -> RunningService:
             "bundle_format": str(BUNDLE_FORMAT_VERSION),
         }
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = BoundedHealth(config.max_health_watchers)
     runtime = BinRuntime(
         config, classifier, metrics, functools.partial(set_health, health_servicer)
     )

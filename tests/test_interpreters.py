@@ -24,7 +24,7 @@ def answers(stub: classifier_pb2_grpc.ClassifierStub, photos: list[bytes], worke
 
 def test_calls_side_by_side_get_the_answers_of_calls_one_at_a_time(tiny_bundle: Path) -> None:
     photos = [path.read_bytes() for path in sorted(SAMPLES_DIR.glob("*.jpg"))] * 4
-    service = create_server(local_config(tiny_bundle, interpreters=3, max_workers=6))
+    service = create_server(local_config(tiny_bundle, interpreters=3))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = classifier_pb2_grpc.ClassifierStub(channel)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -34,6 +36,13 @@ def metric(service: RunningService, line_start: str) -> float:
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -73,17 +82,19 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
     limited: RunningService,
 ) -> None:
     channel, stub = classify_stub(limited)
-    with channel:
-        # A health watch is a call that stays open: it takes the one slot.
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=10)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "Concurrent RPC limit exceeded" in caught.value.details()
-        watch.cancel()
+    with channel, futures.ThreadPoolExecutor(1) as caller:
+        with interpreter_held(limited):  # the first call takes the one slot, waiting to infer
+            first = caller.submit(
+                stub.Classify, classifier_pb2.ClassifyRequest(image=photo()), timeout=30
+            )
+            wait_until(lambda: metric(limited, "smartbin_in_flight_requests") == 1)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Concurrent RPC limit exceeded" in caught.value.details()
+        assert first.result(timeout=10).predictions
         deadline = time.monotonic() + 5
-        while True:  # the slot frees once the server has seen the cancel
+        while True:  # the slot frees once the first call's answer has gone out
             try:
                 assert_still_answers(stub)
                 break
@@ -93,19 +104,68 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
                 time.sleep(0.05)
 
 
-@pytest.mark.parametrize("limited", [{"max_workers": 1, "max_watchers": 0}], indirect=True)
+@pytest.mark.parametrize(
+    "limited", [{"max_workers": 1, "max_watchers": 0, "max_health_watchers": 0}], indirect=True
+)
 def test_call_that_queued_past_its_deadline_is_not_computed(limited: RunningService) -> None:
     channel, stub = classify_stub(limited)
-    with channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-        next(watch)  # the only worker now serves the watch
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=0.5)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        watch.cancel()
+    with channel, futures.ThreadPoolExecutor(1) as caller:
+        with interpreter_held(limited):  # the first call holds the only worker, waiting to infer
+            first = caller.submit(
+                stub.Classify, classifier_pb2.ClassifyRequest(image=photo()), timeout=30
+            )
+            wait_until(lambda: metric(limited, "smartbin_in_flight_requests") == 1)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert first.result(timeout=10).predictions
         assert_still_answers(stub)
-    assert metric(limited, "smartbin_inference_seconds_count") == 1.0
-    assert metric(limited, 'smartbin_requests_total{code="OK",method="Classify"}') == 1.0
+    assert metric(limited, "smartbin_inference_seconds_count") == 2.0
+    assert metric(limited, 'smartbin_requests_total{code="OK",method="Classify"}') == 2.0
+
+
+@pytest.mark.parametrize(
+    "limited", [{"max_workers": 2, "max_watchers": 0, "max_health_watchers": 1}], indirect=True
+)
+def test_health_watchers_beyond_their_limit_are_refused_and_calls_go_on(
+    limited: RunningService,
+) -> None:
+    channel, stub = classify_stub(limited)
+    with channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        first = health.Watch(health_pb2.HealthCheckRequest(), timeout=20)
+        assert next(first).status == health_pb2.HealthCheckResponse.SERVING
+        second = health.Watch(health_pb2.HealthCheckRequest(), timeout=20)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(second)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_health_watchers" in caught.value.details()
+        assert_still_answers(stub)  # the one worker left is free for calls
+        first.cancel()
+        # The slot frees once the server has seen the cancel.
+        wait_until(lambda: opens_a_watch(health))
+
+
+def opens_a_watch(health: health_pb2_grpc.HealthStub) -> bool:
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=20)
+    try:
+        return next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return False
+    finally:
+        watch.cancel()
+
+
+@contextlib.contextmanager
+def interpreter_held(service: RunningService) -> Iterator[None]:
+    """Calls that reach inference wait until the block ends (the service has one interpreter)."""
+    pool = service.runtime.models.current._idle
+    interpreter = pool.get()
+    try:
+        yield
+    finally:
+        pool.put(interpreter)
 
 
 def test_call_whose_deadline_passes_while_decoding_is_not_inferred(

@@ -125,6 +125,19 @@ class BoundedHealth(health.HealthServicer):
         super().__init__(experimental_non_blocking=False)
         self.max_watchers = max_watchers
         self._open = threading.BoundedSemaphore(max_watchers)
+        self._watchers: set[Any] = set()
+        self._watchers_lock = threading.Lock()
+        self._ending = False
+
+    def end_watches(self) -> None:
+        """End every open watch once it has sent the statuses already set (NOT_SERVING, at
+        shutdown), so that watchers do not hold up the shutdown grace; later watches end at once.
+        """
+        with self._watchers_lock:
+            self._ending = True
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.close()
 
     def Watch(  # noqa: N802 (the gRPC method name)
         self,
@@ -139,6 +152,15 @@ class BoundedHealth(health.HealthServicer):
                 "poll with Check instead",
             )
         try:
-            yield from super().Watch(request, context)
+            watcher = super().Watch(request, context)  # an iterator of the statuses as they are set
+            with self._watchers_lock:
+                self._watchers.add(watcher)
+                if self._ending:
+                    watcher.close()
+            try:
+                yield from watcher
+            finally:
+                with self._watchers_lock:
+                    self._watchers.discard(watcher)
         finally:
             self._open.release()

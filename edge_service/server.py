@@ -244,16 +244,17 @@ class RunningService:
     server: grpc.Server
     port: int
     metrics_port: int
-    health: health.HealthServicer
+    health: BoundedHealth
     servicer: ClassifierServicer
     metrics: ServiceMetrics
     _http: Any
     runtime: BinRuntime
 
     def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, end event streams, let calls in flight finish, then stop the
-        camera, triggers and bundle watcher and close the ports."""
+        """Report NOT_SERVING, end event streams and health watches, let calls in flight finish,
+        then stop the camera, triggers and bundle watcher and close the ports."""
         self.health.enter_graceful_shutdown()
+        self.health.end_watches()
         self.runtime.end_streams()
         self.server.stop(grace).wait()
         self.runtime.stop()

@@ -146,6 +146,20 @@ def test_health_watchers_beyond_their_limit_are_refused_and_calls_go_on(
         wait_until(lambda: opens_a_watch(health))
 
 
+def test_a_stop_ends_health_watches_after_not_serving(tiny_bundle: Path) -> None:
+    running = create_server(local_config(tiny_bundle, grace_seconds=60))
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with futures.ThreadPoolExecutor(1) as stopper:
+            stopping = stopper.submit(running.stop, 60)
+            # The watcher hears NOT_SERVING, then the stream ends as a completed call: it is
+            # not left open until the grace runs out and then cut.
+            assert [reply.status for reply in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+            assert watch.code() == grpc.StatusCode.OK
+            stopping.result(timeout=30)
+
+
 def opens_a_watch(health: health_pb2_grpc.HealthStub) -> bool:
     watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=20)
     try:

@@ -82,12 +82,8 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
     limited: RunningService,
 ) -> None:
     channel, stub = classify_stub(limited)
-    with channel, futures.ThreadPoolExecutor(1) as caller:
-        with interpreter_held(limited):  # the first call takes the one slot, waiting to infer
-            first = caller.submit(
-                stub.Classify, classifier_pb2.ClassifyRequest(image=photo()), timeout=30
-            )
-            wait_until(lambda: metric(limited, "smartbin_in_flight_requests") == 1)
+    with channel:
+        with a_call_waiting_to_infer(limited, stub) as first:  # it takes the one slot
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=10)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -109,12 +105,8 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
 )
 def test_call_that_queued_past_its_deadline_is_not_computed(limited: RunningService) -> None:
     channel, stub = classify_stub(limited)
-    with channel, futures.ThreadPoolExecutor(1) as caller:
-        with interpreter_held(limited):  # the first call holds the only worker, waiting to infer
-            first = caller.submit(
-                stub.Classify, classifier_pb2.ClassifyRequest(image=photo()), timeout=30
-            )
-            wait_until(lambda: metric(limited, "smartbin_in_flight_requests") == 1)
+    with channel:
+        with a_call_waiting_to_infer(limited, stub) as first:  # it holds the only worker
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=0.5)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -172,14 +164,22 @@ def opens_a_watch(health: health_pb2_grpc.HealthStub) -> bool:
 
 
 @contextlib.contextmanager
-def interpreter_held(service: RunningService) -> Iterator[None]:
-    """Calls that reach inference wait until the block ends (the service has one interpreter)."""
+def a_call_waiting_to_infer(
+    service: RunningService, stub: classifier_pb2_grpc.ClassifierStub
+) -> Iterator[futures.Future]:
+    """A Classify call in progress, held just before inference until the block ends (the
+    service has one interpreter); yields its future, done once the block has ended."""
     pool = service.runtime.models.current._idle
-    interpreter = pool.get()
-    try:
-        yield
-    finally:
-        pool.put(interpreter)
+    with futures.ThreadPoolExecutor(1) as caller:
+        interpreter = pool.get()
+        try:
+            call = caller.submit(
+                stub.Classify, classifier_pb2.ClassifyRequest(image=photo()), timeout=30
+            )
+            wait_until(lambda: metric(service, "smartbin_in_flight_requests") == 1)
+            yield call
+        finally:
+            pool.put(interpreter)
 
 
 def test_call_whose_deadline_passes_while_decoding_is_not_inferred(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import shutil
 import socket
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -133,6 +135,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.02)
+
+
+def scrape(service: RunningService) -> str:
+    """The service's /metrics page, as Prometheus reads it."""
+    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode()
 
 
 def slow_png(width: int = 6000, height: int = 5000) -> bytes:

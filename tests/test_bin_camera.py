@@ -9,7 +9,6 @@ import shutil
 import stat
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from conftest import local_config
+from conftest import local_config, scrape, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from pydantic import ValidationError
@@ -48,25 +47,12 @@ def running(config: ServiceConfig) -> Iterator[SimpleNamespace]:
         channel.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-
-
 def health_of(bin_: SimpleNamespace, name: str) -> int:
     return bin_.health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
 
 
 def camera_is(bin_: SimpleNamespace, status: int) -> Callable[[], bool]:
     return lambda: health_of(bin_, CAMERA) == status
-
-
-def scrape(service: RunningService) -> str:
-    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
-    return urllib.request.urlopen(url, timeout=5).read().decode()
 
 
 def labels_of(bundle: Path) -> int:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import scrape
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
@@ -25,11 +25,6 @@ def truncated_jpeg() -> bytes:
 
 def first_image(data: Path) -> Path:
     return sorted(data.rglob("*.jpg"))[0]
-
-
-def scrape(service: RunningService) -> str:
-    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
-    return urllib.request.urlopen(url, timeout=5).read().decode()
 
 
 def test_classify_answers_with_the_bundles_labels(

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import slow_png
+from conftest import slow_png, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -248,13 +248,6 @@ class Events:
         self.ended.set()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def photo_of(data: Path) -> bytes:
     return sorted(data.rglob("*.jpg"))[0].read_bytes()
 
@@ -295,11 +288,11 @@ def test_camera_unplugged_and_replugged_under_load_loses_no_event(
     try:
         events = Events(stub)
         load = Load(channel, photo_of(tiny_data))
-        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING)
+        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING, timeout=20)
         before = stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
 
         unplugged = camera.rename(tmp_path / "unplugged")
-        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=20)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -308,9 +301,9 @@ def test_camera_unplugged_and_replugged_under_load_loses_no_event(
         assert overall == health_pb2.HealthCheckResponse.SERVING
 
         unplugged.rename(camera)
-        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING)
+        wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING, timeout=20)
         after = stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
-        wait_for(lambda: len(events.received) >= 2)
+        wait_for(lambda: len(events.received) >= 2, timeout=20)
         codes = load.stop()
 
         server.process.send_signal(signal.SIGTERM)
@@ -367,7 +360,7 @@ def test_damaged_bundles_offered_for_reload_are_refused_under_load(
             classifier_pb2.ReloadModelRequest(bundle_path=str(complete)), timeout=60
         )
         assert reply.model_version == "v2"
-        wait_for(lambda: "v2" in load.versions)
+        wait_for(lambda: "v2" in load.versions, timeout=20)
         codes = load.stop()
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         metrics = urllib.request.urlopen(url, timeout=5).read().decode()

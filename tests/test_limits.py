@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import local_config, slow_png
+from conftest import local_config, scrape, slow_png, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
@@ -29,20 +27,10 @@ def photo(size: tuple[int, int] = (160, 120)) -> bytes:
 
 
 def metric(service: RunningService, line_start: str) -> float:
-    text = urllib.request.urlopen(
-        f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5
-    ).read()
-    for line in text.decode().splitlines():
+    for line in scrape(service).splitlines():
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -63,6 +51,16 @@ def classify_stub(
 def assert_still_answers(stub: classifier_pb2_grpc.ClassifierStub) -> None:
     reply = stub.Classify(classifier_pb2.ClassifyRequest(image=photo()), timeout=10)
     assert reply.predictions
+
+
+def answers_or_is_busy(stub: classifier_pb2_grpc.ClassifierStub) -> bool:
+    """True when a call is answered; False when it is refused only for the concurrency limit."""
+    try:
+        assert_still_answers(stub)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return False
+    return True
 
 
 @pytest.mark.parametrize("limited", [{"max_message_bytes": 64 * 1024}], indirect=True)
@@ -89,15 +87,8 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "Concurrent RPC limit exceeded" in caught.value.details()
         assert first.result(timeout=10).predictions
-        deadline = time.monotonic() + 5
-        while True:  # the slot frees once the first call's answer has gone out
-            try:
-                assert_still_answers(stub)
-                break
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        # The slot frees once the first call's answer has gone out.
+        wait_for(lambda: answers_or_is_busy(stub), timeout=5)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +126,7 @@ def test_health_watchers_beyond_their_limit_are_refused_and_calls_go_on(
         assert_still_answers(stub)  # the one worker left is free for calls
         first.cancel()
         # The slot frees once the server has seen the cancel.
-        wait_until(lambda: opens_a_watch(health))
+        wait_for(lambda: opens_a_watch(health))
 
 
 def test_a_stop_ends_health_watches_after_not_serving(tiny_bundle: Path) -> None:
@@ -176,7 +167,7 @@ def a_call_waiting_to_infer(
             call = caller.submit(
                 stub.Classify, classifier_pb2.ClassifyRequest(image=photo()), timeout=30
             )
-            wait_until(lambda: metric(service, "smartbin_in_flight_requests") == 1)
+            wait_for(lambda: metric(service, "smartbin_in_flight_requests") == 1)
             yield call
         finally:
             pool.put(interpreter)
@@ -189,10 +180,7 @@ def test_call_whose_deadline_passes_while_decoding_is_not_inferred(
     with pytest.raises(grpc.RpcError) as caught:
         stub.Classify(classifier_pb2.ClassifyRequest(image=slow_png()), timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while metric(service, "smartbin_in_flight_requests") > 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: metric(service, "smartbin_in_flight_requests") == 0)
     assert metric(service, "smartbin_inference_seconds_count") == 0.0
 
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import shutil
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import local_config, train_and_convert
+from conftest import local_config, scrape, train_and_convert, wait_for
 from PIL import Image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -32,19 +31,6 @@ def new_category_images(folder: Path, count: int) -> None:
     for i in range(count):
         pixels = rng.normal((20, 30, 150), 25, (120, 160, 3)).clip(0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{NEW_CATEGORY}{i}.jpg", quality=90)
-
-
-def scrape(service: RunningService) -> str:
-    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
-    return urllib.request.urlopen(url, timeout=5).read().decode()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.05)
 
 
 def copy_bundle(source: Path, target: Path, version: str) -> Path:

@@ -185,7 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, _ = config_parser.parse_known_args(argv)
     if args.config:
         parser.set_defaults(**yaml.safe_load(args.config.read_text()))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, not {args.epochs}")
+    return args
 
 
 def _plain(value: Any) -> Any:
@@ -361,16 +364,111 @@ def load_split(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], Spl
     return image_set.classes, manifest, Split(**sides)
 
 
+def choose_device(requested: str) -> torch.device:
+    """``auto`` takes CUDA when present and the CPU otherwise."""
+    if requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_student(
+    args: argparse.Namespace, classes: list[str], spec: Preprocessing, fingerprint: str
+) -> PixelClassifier:
+    """The model to train: ImageNet (or random) weights, or ``--init``'s checkpoint."""
+    if args.weights is None and not args.hub_pretrained and args.init is None:
+        logger.warning("no pretrained weights given: %s starts from random weights", args.arch)
+    model = create_classifier(args.arch, len(classes), spec, args.weights, args.hub_pretrained)
+    if args.init:
+        model.load_state_dict(load_checkpoint(args.init, classes, fingerprint)["state_dict"])
+    return model
+
+
+def train_loader(
+    samples: list[Sample], size: int, args: argparse.Namespace, cuda: bool
+) -> DataLoader:
+    return DataLoader(
+        TrainImages(samples, size),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(samples) > args.batch_size,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=cuda,
+    )
+
+
+@dataclass
+class Best:
+    """The epoch with the best val accuracy so far, and its weights."""
+
+    accuracy: float = -1.0
+    epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+
+
+def fit(
+    model: PixelClassifier,
+    loader: DataLoader,
+    val: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: Objective,
+    device: torch.device,
+    log: RunLog,
+    args: argparse.Namespace,
+) -> Best:
+    """Train up to ``args.epochs``, stopping early on val accuracy or the time limit."""
+    optimizer = _optimizer(model, args)
+    scheduler = _schedule(optimizer, args.epochs * len(loader), warmup=len(loader))
+    ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+    best = Best()
+    for epoch in range(1, args.epochs + 1):
+        started = time.time()
+        progress = _progress(f"epoch {epoch}/{args.epochs}")
+        row = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, progress, ema)
+        evaluated = ema.module if ema is not None else model
+        val_probs = predict(evaluated, val[0], device)
+        row.update(
+            epoch=epoch,
+            val_accuracy=float((val_probs.argmax(1) == val[1].numpy()).mean()),
+            seconds=time.time() - started,
+        )
+        log.epoch(row)
+        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        if row["val_accuracy"] > best.accuracy:
+            state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
+            best = Best(row["val_accuracy"], epoch, state)
+        elif epoch - best.epoch >= args.patience:
+            logger.info("no better val accuracy for %d epochs: stopping", args.patience)
+            break
+        if time.time() > deadline:
+            logger.info("time limit of %s minutes reached: stopping", args.max_minutes)
+            break
+    return best
+
+
+def evaluate_sides(
+    model: PixelClassifier,
+    split: Split,
+    spec: Preprocessing,
+    classes: list[str],
+    device: torch.device,
+    folder: Path,
+) -> dict[str, dict[str, Any]]:
+    """Float reports for val and test, with their confusion pictures in the run folder."""
+    reports = {}
+    for name, samples in (("val", split.val), ("test", split.test)):
+        inputs, targets = eval_tensor(samples, spec)
+        probabilities = predict(model, inputs, device)
+        reports[name] = classification_report(probabilities, targets.numpy(), classes)
+        plot_confusion(reports[name], classes, folder / f"confusion_{name}.png", f"float {name}")
+    (folder / "report.json").write_text(json.dumps(reports, indent=1))
+    return reports
+
+
 def run(args: argparse.Namespace) -> Path:
     """Train, evaluate on val and test, write the run folder; returns the checkpoint path."""
     torch.manual_seed(args.seed)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    device = choose_device(args.device)
     classes, manifest, split = load_split(args)
     spec = default_preprocessing(args.arch, args.img_size)
     folder = args.out / (args.name or f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -388,29 +486,13 @@ def run(args: argparse.Namespace) -> Path:
     )
 
     fingerprint = manifest["fingerprint"]
-    if args.weights is None and not args.hub_pretrained and args.init is None:
-        logger.warning("no pretrained weights given: %s starts from random weights", args.arch)
-    model = create_classifier(args.arch, len(classes), spec, args.weights, args.hub_pretrained)
-    if args.init:
-        model.load_state_dict(load_checkpoint(args.init, classes, fingerprint)["state_dict"])
+    model = build_student(args, classes, spec, fingerprint)
     # Channels-last runs the depthwise convolutions a third faster on CPU (and suits GPUs too).
     model.to(device, memory_format=torch.channels_last)
     teachers = None
     if args.teacher:
         teachers = Teachers([load_checkpoint(p, classes, fingerprint) for p in args.teacher])
         teachers.to(device, memory_format=torch.channels_last)
-    loader = DataLoader(
-        TrainImages(split.train, spec.input_size),
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=len(split.train) > args.batch_size,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-    val_inputs, val_targets = eval_tensor(split.val, spec)
-    optimizer = _optimizer(model, args)
-    scheduler = _schedule(optimizer, args.epochs * len(loader), warmup=len(loader))
     loss_fn = Objective(
         nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
         teachers,
@@ -418,49 +500,11 @@ def run(args: argparse.Namespace) -> Path:
         args.distill_temperature,
     )
     log = RunLog(folder, args)
-    best, best_epoch, best_state = -1.0, 0, None
-    ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
-    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
-    for epoch in range(1, args.epochs + 1):
-        started = time.time()
-        row = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            scheduler,
-            loss_fn,
-            device,
-            _progress(f"epoch {epoch}/{args.epochs}"),
-            ema,
-        )
-        evaluated = ema.module if ema is not None else model
-        val_probs = predict(evaluated, val_inputs, device)
-        row.update(
-            epoch=epoch,
-            val_accuracy=float((val_probs.argmax(1) == val_targets.numpy()).mean()),
-            seconds=time.time() - started,
-        )
-        log.epoch(row)
-        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
-        if row["val_accuracy"] > best:
-            best, best_epoch = row["val_accuracy"], epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
-        elif epoch - best_epoch >= args.patience:
-            logger.info("no better val accuracy for %d epochs: stopping", args.patience)
-            break
-        if time.time() > deadline:
-            logger.info("time limit of %s minutes reached: stopping", args.max_minutes)
-            break
+    loader = train_loader(split.train, spec.input_size, args, device.type == "cuda")
+    best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, args)
 
-    model.load_state_dict(best_state)
-    reports = {}
-    for name, samples in (("val", split.val), ("test", split.test)):
-        inputs, targets = eval_tensor(samples, spec)
-        reports[name] = classification_report(
-            predict(model, inputs, device), targets.numpy(), classes
-        )
-        plot_confusion(reports[name], classes, folder / f"confusion_{name}.png", f"float {name}")
-    (folder / "report.json").write_text(json.dumps(reports, indent=1))
+    model.load_state_dict(best.state or {})  # parse_args ensures one epoch ran
+    reports = evaluate_sides(model, split, spec, classes, device, folder)
     checkpoint = folder / "checkpoint.pt"
     torch.save(
         {
@@ -470,18 +514,18 @@ def run(args: argparse.Namespace) -> Path:
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "split": manifest,
             "data": args.data,
-            "best_epoch": best_epoch,
+            "best_epoch": best.epoch,
             "metrics": {
                 n: {k: r[k] for k in ("accuracy", "macro_f1", "ece")} for n, r in reports.items()
             },
         },
         checkpoint,
     )
-    log.finish({"best_val_accuracy": best, "test_accuracy": reports["test"]["accuracy"]})
+    log.finish({"best_val_accuracy": best.accuracy, "test_accuracy": reports["test"]["accuracy"]})
     logger.info(
         "best epoch %d: val %.4f, test %.4f -> %s",
-        best_epoch,
-        best,
+        best.epoch,
+        best.accuracy,
         reports["test"]["accuracy"],
         checkpoint,
     )

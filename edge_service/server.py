@@ -18,6 +18,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -247,7 +248,7 @@ class RunningService:
     health: BoundedHealth
     servicer: ClassifierServicer
     metrics: ServiceMetrics
-    _http: Any
+    _http: WSGIServer
     runtime: BinRuntime
 
     def stop(self, grace: float | None = None) -> None:
@@ -286,49 +287,20 @@ def create_server(config: ServiceConfig) -> RunningService:
         config, classifier, metrics, functools.partial(set_health, health_servicer)
     )
     try:
-        http_server, _ = start_http_server(
-            config.metrics_port, config.metrics_host, registry=metrics.registry
-        )
-    except OSError as err:
+        http_server = start_metrics_http(config, metrics)
+    except OSError:
         runtime.stop()
-        raise OSError(
-            f"cannot bind metrics port {config.metrics_host}:{config.metrics_port}: "
-            f"{err.strerror or err}"
-        ) from err
-    metrics_port = http_server.server_address[1]
-
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers),
-        interceptors=[CallGuard(metrics)],
-        options=options,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-    )
+        raise
     servicer = ClassifierServicer(runtime, config, metrics)
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    address = f"{config.host}:{config.port}"
+    server = grpc_server(config, metrics, servicer, health_servicer)
     try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as err:
+        port = bind_grpc(server, config, credentials)
+    except OSError:
         http_server.shutdown()
         http_server.server_close()
         runtime.stop()
-        raise OSError(f"cannot bind gRPC port {config.host}:{config.port}: {err}") from err
+        raise
+    metrics_port = http_server.server_address[1]
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -344,6 +316,62 @@ def create_server(config: ServiceConfig) -> RunningService:
     return RunningService(
         server, port, metrics_port, health_servicer, servicer, metrics, http_server, runtime
     )
+
+
+def start_metrics_http(config: ServiceConfig, metrics: ServiceMetrics) -> WSGIServer:
+    """The /metrics endpoint Prometheus scrapes, on its own port."""
+    try:
+        http_server, _ = start_http_server(
+            config.metrics_port, config.metrics_host, registry=metrics.registry
+        )
+    except OSError as err:
+        raise OSError(
+            f"cannot bind metrics port {config.metrics_host}:{config.metrics_port}: "
+            f"{err.strerror or err}"
+        ) from err
+    return http_server
+
+
+def grpc_server(
+    config: ServiceConfig,
+    metrics: ServiceMetrics,
+    servicer: ClassifierServicer,
+    health_servicer: BoundedHealth,
+) -> grpc.Server:
+    """The gRPC server with the classifier, health and reflection services, not yet bound."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers),
+        interceptors=[CallGuard(metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
+
+
+def bind_grpc(
+    server: grpc.Server, config: ServiceConfig, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind the configured address, with TLS when credentials are given; returns the port."""
+    address = f"{config.host}:{config.port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as err:
+        raise OSError(f"cannot bind gRPC port {config.host}:{config.port}: {err}") from err
 
 
 def set_health(servicer: health.HealthServicer, name: str, serving: bool) -> None:

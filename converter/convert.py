@@ -128,8 +128,7 @@ def convert(
     spec = Preprocessing.from_dict(checkpoint["preprocessing"])
     model = build_from_checkpoint(checkpoint)
     image_set = load_source(data or checkpoint["data"])
-    split = checkpoint["split"]
-    sides = {side: select(image_set, split, side) for side in SPLITS}
+    sides = {side: select(image_set, checkpoint["split"], side) for side in SPLITS}
 
     started = time.time()
     float_model = export_float(model, spec.input_size)
@@ -137,15 +136,9 @@ def convert(
         float_model, calibration_images(sides["train"], spec, calibration_count, seed)
     )
     logger.info("converted in %.1f s", time.time() - started)
-    checkpoint_sha = hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
-    version = version or f"{time.strftime('%Y.%m.%d')}-{checkpoint['arch']}-{checkpoint_sha[:8]}"
-    source = {
-        "checkpoint": checkpoint_path.name,
-        "checkpoint_sha256": checkpoint_sha,
-        "data": str(checkpoint["data"]),
-        "split_fingerprint": split["fingerprint"],
-        "calibration_images": min(calibration_count, len(sides["train"])),
-    }
+    source = bundle_source(checkpoint_path, checkpoint, min(calibration_count, len(sides["train"])))
+    short_sha = source["checkpoint_sha256"][:8]
+    version = version or f"{time.strftime('%Y.%m.%d')}-{checkpoint['arch']}-{short_sha}"
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "bundle"
         bundle = write_bundle(
@@ -167,11 +160,7 @@ def convert(
             metrics=manifest_metrics(report),
             source=source,
         )
-        (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        for kind in ("float", "int8"):
-            plot_confusion(
-                report[kind]["test"], labels, staging / f"confusion_{kind}_test.png", f"{kind} test"
-            )
+        write_report(staging, report, labels)
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(staging, out)
@@ -181,6 +170,28 @@ def convert(
         float_twin.write_bytes(float_model)
         logger.info("float32 twin: %s (%.2f MB)", float_twin, len(float_model) / 1e6)
     return report
+
+
+def bundle_source(
+    checkpoint_path: Path, checkpoint: dict[str, Any], calibration_count: int
+) -> dict[str, Any]:
+    """Where the bundle came from, for its manifest: checkpoint, data, split, calibration."""
+    return {
+        "checkpoint": checkpoint_path.name,
+        "checkpoint_sha256": hashlib.sha256(checkpoint_path.read_bytes()).hexdigest(),
+        "data": str(checkpoint["data"]),
+        "split_fingerprint": checkpoint["split"]["fingerprint"],
+        "calibration_images": calibration_count,
+    }
+
+
+def write_report(folder: Path, report: dict[str, Any], labels: list[str]) -> None:
+    """The full report and the test confusion pictures, beside the manifest."""
+    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    for kind in ("float", "int8"):
+        plot_confusion(
+            report[kind]["test"], labels, folder / f"confusion_{kind}_test.png", f"{kind} test"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,12 +53,9 @@ def make_tiny_dataset(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
-    """Run the real trainer and converter CLIs' code paths; return the bundle folder."""
-    from converter.convert import convert
-    from trainer.train import parse_args, run
-
-    argv = [
+def tiny_train_args(data: Path, out: Path, name: str, *extra: str, epochs: int = 1) -> list[str]:
+    """smartbin-train's arguments for a quick run on the tiny data, plus ``extra``."""
+    return [
         "--data",
         str(data),
         "--img-size",
@@ -72,13 +69,26 @@ def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
         "--workers",
         "0",
         "--out",
-        str(work),
+        str(out),
         "--name",
-        "run",
+        name,
         "--no-mlflow",
+        *extra,
     ]
-    if SHARED_WEIGHTS.is_file():
-        argv += ["--weights", str(SHARED_WEIGHTS)]
+
+
+def tiny_checkpoint(tiny_bundle: Path) -> Path:
+    """The trained checkpoint the tiny bundle was converted from."""
+    return tiny_bundle.parent / "run" / "checkpoint.pt"
+
+
+def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
+    """Run the real trainer and converter CLIs' code paths; return the bundle folder."""
+    from converter.convert import convert
+    from trainer.train import parse_args, run
+
+    weights = ["--weights", str(SHARED_WEIGHTS)] if SHARED_WEIGHTS.is_file() else []
+    argv = tiny_train_args(data, work, "run", *weights, epochs=epochs)
     checkpoint = run(parse_args(argv))
     bundle = work / "bundle"
     convert(

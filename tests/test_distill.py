@@ -7,35 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_SIZE
+from conftest import tiny_checkpoint, tiny_train_args
 
 from trainer.distill import distillation_loss
 from trainer.train import parse_args, run
-
-
-def teacher_checkpoint(tiny_bundle: Path) -> Path:
-    return tiny_bundle.parent / "run" / "checkpoint.pt"
-
-
-def student_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--data",
-        str(data),
-        "--img-size",
-        str(TINY_SIZE),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--out",
-        str(out),
-        "--name",
-        "student",
-        "--no-mlflow",
-        *extra,
-    ]
 
 
 def test_loss_is_zero_on_the_teachers_answer_and_pulls_towards_it() -> None:
@@ -55,10 +30,10 @@ def test_loss_is_zero_on_the_teachers_answer_and_pulls_towards_it() -> None:
 def test_student_trains_from_a_teacher_of_the_same_split(
     tiny_data: Path, tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    teacher = teacher_checkpoint(tiny_bundle)
+    teacher = tiny_checkpoint(tiny_bundle)
     split = teacher.parent / "split.json"
     argv = ["--split", str(split), "--init", str(teacher), "--teacher", str(teacher)]
-    checkpoint = run(parse_args(student_args(tiny_data, tmp_path, *argv)))
+    checkpoint = run(parse_args(tiny_train_args(tiny_data, tmp_path, "student", *argv)))
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert (
@@ -74,8 +49,8 @@ def test_a_checkpoint_from_another_split_is_refused(
     tiny_data: Path, tiny_bundle: Path, tmp_path: Path, flag: str
 ) -> None:
     # Its training photos would include some of this split's val and test photos.
-    argv = student_args(
-        tiny_data, tmp_path, "--split-seed", "1", flag, str(teacher_checkpoint(tiny_bundle))
+    argv = tiny_train_args(
+        tiny_data, tmp_path, "student", "--split-seed", "1", flag, str(tiny_checkpoint(tiny_bundle))
     )
     with pytest.raises(ValueError, match="trained on split .* pass that run's split.json"):
         run(parse_args(argv))

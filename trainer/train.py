@@ -30,6 +30,7 @@ from trainer.data import SPLITS, Sample, load_source, make_split_manifest, selec
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
 from trainer.evaluate import classification_report, plot_confusion
 from trainer.model import PixelClassifier, create_classifier, default_preprocessing
+from trainer.qat import attach_fake_quant, plain_state_dict, start_rounding
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start from this checkpoint's trained weights (same arch, classes and split)",
     )
     parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware fine-tuning of --init's model: train while rounding as the int8 "
+        "model will (val accuracy is then the simulated int8 one)",
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=int, default=1, help="epochs of linear learning-rate warm-up"
+    )
+    parser.add_argument(
         "--teacher",
         type=Path,
         action="append",
@@ -188,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, not {args.epochs}")
+    if args.qat and (args.init is None or args.ema_decay):
+        parser.error("--qat fine-tunes a trained model: give --init and --ema-decay 0")
     return args
 
 
@@ -417,7 +429,9 @@ def fit(
 ) -> Best:
     """Train up to ``args.epochs``, stopping early on val accuracy or the time limit."""
     optimizer = _optimizer(model, args)
-    scheduler = _schedule(optimizer, args.epochs * len(loader), warmup=len(loader))
+    scheduler = _schedule(
+        optimizer, args.epochs * len(loader), warmup=args.warmup_epochs * len(loader)
+    )
     ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
     best = Best()
@@ -501,6 +515,8 @@ def run(args: argparse.Namespace) -> Path:
     )
     log = RunLog(folder, args)
     loader = train_loader(split.train, spec.input_size, args, device.type == "cuda")
+    if args.qat:
+        start_rounding(model, attach_fake_quant(model), loader, device)
     best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, args)
 
     model.load_state_dict(best.state or {})  # parse_args ensures one epoch ran
@@ -511,7 +527,7 @@ def run(args: argparse.Namespace) -> Path:
             "arch": args.arch,
             "labels": classes,
             "preprocessing": spec.to_dict(),
-            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "state_dict": plain_state_dict(model),
             "split": manifest,
             "data": args.data,
             "best_epoch": best.epoch,

@@ -102,7 +102,8 @@ def check_parity(report: dict[str, Any], max_drop_points: float) -> None:
         raise ParityError(
             f"int8 val accuracy {int8_acc:.2%} is {drop:.2f} points below float "
             f"{float_acc:.2%}, more than the allowed {max_drop_points} points: "
-            "try more calibration images (--calibration-images) or another backbone"
+            "try more calibration images (--calibration-images), a quantization-aware "
+            "fine-tune (smartbin-train --qat --init CHECKPOINT) or another backbone"
         )
 
 

@@ -71,3 +71,13 @@ def test_qat_needs_a_trained_model_and_no_weight_averaging(
     with pytest.raises(SystemExit):
         parse_args(tiny_train_args(tiny_data, tmp_path, "qat", "--qat", *missing))
     assert "--qat fine-tunes a trained model" in capsys.readouterr().err
+
+
+def test_a_start_of_another_architecture_or_size_is_refused(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    init = tiny_checkpoint(tiny_bundle)
+    extra = ["--init", str(init), "--split", str(init.parent / "split.json"), "--img-size", "128"]
+    argv = tiny_train_args(tiny_data, tmp_path, "qat", *extra, "--qat", "--ema-decay", "0")
+    with pytest.raises(ValueError, match="at 96 px, this run trains .* at 128 px: pass --arch"):
+        run(parse_args(argv))

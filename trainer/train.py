@@ -391,7 +391,14 @@ def build_student(
         logger.warning("no pretrained weights given: %s starts from random weights", args.arch)
     model = create_classifier(args.arch, len(classes), spec, args.weights, args.hub_pretrained)
     if args.init:
-        model.load_state_dict(load_checkpoint(args.init, classes, fingerprint)["state_dict"])
+        start = load_checkpoint(args.init, classes, fingerprint)
+        trained = (start["arch"], start["preprocessing"]["input_size"])
+        if trained != (args.arch, spec.input_size):
+            raise ValueError(
+                f"{args.init} is {trained[0]} at {trained[1]} px, this run trains {args.arch} "
+                f"at {spec.input_size} px: pass --arch {trained[0]} --img-size {trained[1]}"
+            )
+        model.load_state_dict(start["state_dict"])
     return model
 
 

@@ -474,14 +474,16 @@ def evaluate_sides(
     classes: list[str],
     device: torch.device,
     folder: Path,
+    kind: str = "float",
 ) -> dict[str, dict[str, Any]]:
-    """Float reports for val and test, with their confusion pictures in the run folder."""
+    """Reports for val and test, with their confusion pictures (titled ``kind``) in the run
+    folder."""
     reports = {}
     for name, samples in (("val", split.val), ("test", split.test)):
         inputs, targets = eval_tensor(samples, spec)
         probabilities = predict(model, inputs, device)
         reports[name] = classification_report(probabilities, targets.numpy(), classes)
-        plot_confusion(reports[name], classes, folder / f"confusion_{name}.png", f"float {name}")
+        plot_confusion(reports[name], classes, folder / f"confusion_{name}.png", f"{kind} {name}")
     (folder / "report.json").write_text(json.dumps(reports, indent=1))
     return reports
 
@@ -527,7 +529,8 @@ def run(args: argparse.Namespace) -> Path:
     best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, args)
 
     model.load_state_dict(best.state or {})  # parse_args ensures one epoch ran
-    reports = evaluate_sides(model, split, spec, classes, device, folder)
+    kind = "simulated int8" if args.qat else "float"
+    reports = evaluate_sides(model, split, spec, classes, device, folder, kind)
     checkpoint = folder / "checkpoint.pt"
     torch.save(
         {

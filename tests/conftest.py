@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from edge_service.bundle import Bundle
 from edge_service.config import ServiceConfig
+from edge_service.loadgen import ServiceProcess
 from edge_service.server import RunningService, create_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,10 +156,19 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def scrape(service: RunningService) -> str:
+def scrape(service: RunningService | ServiceProcess) -> str:
     """The service's /metrics page, as Prometheus reads it."""
     url = f"http://127.0.0.1:{service.metrics_port}/metrics"
     return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def metric(service: RunningService | ServiceProcess, line_start: str) -> float:
+    """The value of the first /metrics sample whose line starts with ``line_start``; 0 when
+    there is none yet."""
+    for line in scrape(service).splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def slow_png(width: int = 6000, height: int = 5000) -> bytes:

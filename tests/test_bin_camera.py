@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from conftest import local_config, scrape, wait_for
+from conftest import local_config, metric, scrape, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from pydantic import ValidationError
@@ -60,12 +60,7 @@ def labels_of(bundle: Path) -> int:
 
 
 def camera_errors(service: RunningService) -> float:
-    line = next(
-        line
-        for line in scrape(service).splitlines()
-        if line.startswith("smartbin_camera_errors_total ")
-    )
-    return float(line.split()[-1])
+    return metric(service, "smartbin_camera_errors_total ")
 
 
 def photos(data: Path, count: int) -> list[Path]:

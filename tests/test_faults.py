@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import slow_png, wait_for
+from conftest import metric, scrape, slow_png, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
-from edge_service.loadgen import ServiceProcess, spawn_service
+from edge_service.loadgen import spawn_service
 
 GRACE_SECONDS = 8.0
 SLOW_CALLS = 4
@@ -51,14 +50,6 @@ def run_serve(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-def in_flight(server: ServiceProcess) -> float:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith("smartbin_in_flight_requests "):
-            return float(line.split()[1])
-    return 0.0
 
 
 def files_under(folder: Path) -> dict[str, float]:
@@ -95,7 +86,7 @@ def test_sigterm_drains_calls_in_flight_and_exits_0(tiny_bundle: Path, tmp_path:
                 for _ in range(SLOW_CALLS)
             ]
             deadline = time.monotonic() + 30
-            while in_flight(server) < 2:
+            while metric(server, "smartbin_in_flight_requests ") < 2:
                 assert time.monotonic() < deadline, "calls never got in flight"
                 assert not any(call.done() for call in calls)
             signalled = time.monotonic()
@@ -362,8 +353,7 @@ def test_damaged_bundles_offered_for_reload_are_refused_under_load(
         assert reply.model_version == "v2"
         wait_for(lambda: "v2" in load.versions, timeout=20)
         codes = load.stop()
-        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        metrics = urllib.request.urlopen(url, timeout=5).read().decode()
+        metrics = scrape(server)
         assert server.stop() == 0
     finally:
         channel.close()

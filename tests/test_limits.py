@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import local_config, scrape, slow_png, wait_for
+from conftest import local_config, metric, slow_png, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
@@ -24,13 +24,6 @@ def photo(size: tuple[int, int] = (160, 120)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 120, 40)).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-def metric(service: RunningService, line_start: str) -> float:
-    for line in scrape(service).splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.fixture

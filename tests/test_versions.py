@@ -7,10 +7,10 @@ classifier.proto, and the bundle format version is ``BUNDLE_FORMAT_VERSION`` in 
 from __future__ import annotations
 
 import re
-import urllib.request
 from pathlib import Path
 
 import grpc
+from conftest import scrape
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 from edge_service.bundle import load_bundle
@@ -45,9 +45,9 @@ def test_model_info_reports_the_three_versions(channel: grpc.Channel, tiny_bundl
 
 
 def test_build_info_metric_reports_the_three_versions(service: RunningService) -> None:
-    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    line = next(line for line in text.splitlines() if line.startswith("smartbin_build_info{"))
+    line = next(
+        line for line in scrape(service).splitlines() if line.startswith("smartbin_build_info{")
+    )
     assert f'version="{pyproject_version()}"' in line
     assert f'api_version="{proto_package()}"' in line
     bundle_format = service.servicer.classifier.bundle.manifest["format_version"]

@@ -286,20 +286,16 @@ def create_server(config: ServiceConfig) -> RunningService:
     runtime = BinRuntime(
         config, classifier, metrics, functools.partial(set_health, health_servicer)
     )
-    try:
+    # What is started is undone, last first, if a later step fails.
+    with contextlib.ExitStack() as undo:
+        undo.callback(runtime.stop)
         http_server = start_metrics_http(config, metrics)
-    except OSError:
-        runtime.stop()
-        raise
-    servicer = ClassifierServicer(runtime, config, metrics)
-    server = grpc_server(config, metrics, servicer, health_servicer)
-    try:
+        undo.callback(http_server.server_close)
+        undo.callback(http_server.shutdown)
+        servicer = ClassifierServicer(runtime, config, metrics)
+        server = grpc_server(config, metrics, servicer, health_servicer)
         port = bind_grpc(server, config, credentials)
-    except OSError:
-        http_server.shutdown()
-        http_server.server_close()
-        runtime.stop()
-        raise
+        undo.pop_all()
     metrics_port = http_server.server_address[1]
     server.start()
     for name in ("", SERVICE_NAME):

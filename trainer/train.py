@@ -434,7 +434,8 @@ def fit(
     log: RunLog,
     args: argparse.Namespace,
 ) -> Best:
-    """Train up to ``args.epochs``, stopping early on val accuracy or the time limit."""
+    """Train up to ``args.epochs``, stopping early on val accuracy or the time limit; the model
+    is left with the best epoch's weights."""
     optimizer = _optimizer(model, args)
     scheduler = _schedule(
         optimizer, args.epochs * len(loader), warmup=args.warmup_epochs * len(loader)
@@ -464,6 +465,8 @@ def fit(
         if time.time() > deadline:
             logger.info("time limit of %s minutes reached: stopping", args.max_minutes)
             break
+    if best.state is not None:  # None only if no epoch ran, which parse_args rules out
+        model.load_state_dict(best.state)
     return best
 
 
@@ -528,7 +531,6 @@ def run(args: argparse.Namespace) -> Path:
         start_rounding(model, attach_fake_quant(model), loader, device)
     best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, args)
 
-    model.load_state_dict(best.state or {})  # parse_args ensures one epoch ran
     kind = "simulated int8" if args.qat else "float"
     reports = evaluate_sides(model, split, spec, classes, device, folder, kind)
     checkpoint = folder / "checkpoint.pt"

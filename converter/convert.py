@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from converter.shifts import SHIFTS, shifted
-from edge_service.bundle import load_bundle, write_bundle
-from edge_service.model import TFLiteClassifier
-from edge_service.preprocess import Preprocessing, prepare
+from smartbin.bundle import load_bundle, write_bundle
+from smartbin.model import TFLiteClassifier
+from smartbin.preprocessing import Preprocessing, prepare
 from trainer.data import SPLITS, Sample, load_source, select
-from trainer.evaluate import classification_report, plot_confusion
+from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
 from trainer.model import build_from_checkpoint
-from trainer.train import eval_tensor, predict
 
 logger = logging.getLogger(__name__)
 SUMMARY_KEYS = ("accuracy", "macro_f1", "ece", "count")

@@ -24,7 +24,7 @@ from edge_service.config import (
     PiCameraConfig,
     ReplayCameraConfig,
 )
-from edge_service.preprocess import ImageDecodeError, decode_image
+from smartbin.preprocessing import ImageDecodeError, decode_image
 
 logger = logging.getLogger(__name__)
 

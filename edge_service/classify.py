@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from edge_service.metrics import ServiceMetrics
-from edge_service.model import Prediction, TFLiteClassifier
-from edge_service.preprocess import resize_and_crop
 from edge_service.unsure_store import UnsureStore
+from smartbin.model import Prediction, TFLiteClassifier
+from smartbin.preprocessing import resize_and_crop
 
 logger = logging.getLogger(__name__)
 

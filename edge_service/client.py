@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import grpc
-from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 from edge_service.tls import channel_credentials
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 
 def open_channel(

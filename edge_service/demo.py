@@ -13,12 +13,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 from edge_service.client import classify_file, format_answer
 from edge_service.config import ServiceConfig
 from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
 from edge_service.server import create_server
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge_service.bundle import BundleError, load_bundle
 from edge_service.metrics import ServiceMetrics
-from edge_service.model import TFLiteClassifier
-from edge_service.preprocess import resize_and_crop
+from smartbin.bundle import BundleError, load_bundle
+from smartbin.model import TFLiteClassifier
+from smartbin.preprocessing import resize_and_crop
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from edge_service.classify import Pipeline
 from edge_service.config import ServiceConfig
 from edge_service.events import EventHub
 from edge_service.metrics import ServiceMetrics
-from edge_service.model import TFLiteClassifier
 from edge_service.reload import BundleWatcher, ModelSlot
 from edge_service.unsure_store import UnsureStore
+from smartbin.model import TFLiteClassifier
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import ctypes
 import functools
-import json
 import logging
 import signal
 import sys
@@ -25,9 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from pydantic import ValidationError
-from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
-from edge_service.bundle import BUNDLE_FORMAT_VERSION, BundleError, load_bundle
 from edge_service.capture import CameraUnavailable
 from edge_service.classify import Timings, TopKError, check_top_k
 from edge_service.config import ServiceConfig, load_config
@@ -35,11 +32,13 @@ from edge_service.const import API_VERSION, service_version
 from edge_service.events import Event, TooManyWatchers
 from edge_service.guard import BoundedHealth, CallGuard, abort_if_expired
 from edge_service.metrics import ServiceMetrics
-from edge_service.model import Prediction, TFLiteClassifier
-from edge_service.preprocess import ImageDecodeError, decode_image
 from edge_service.reload import OutsideReloadDirs, ReloadError, reload_target
 from edge_service.runtime import BinRuntime
 from edge_service.tls import server_credentials
+from smartbin.bundle import BUNDLE_FORMAT_VERSION, BundleError, load_bundle
+from smartbin.model import Prediction, TFLiteClassifier
+from smartbin.preprocessing import ImageDecodeError, decode_image
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +230,7 @@ def model_info_pb(classifier: TFLiteClassifier) -> classifier_pb2.ModelInfo:
         model_version=bundle.version,
         model_sha256=bundle.sha256,
         metrics=bundle.flat_metrics(),
-        manifest_json=json.dumps(bundle.manifest),
+        manifest_json=bundle.manifest.model_dump_json(),
         service_version=service_version(),
         bundle_format_version=BUNDLE_FORMAT_VERSION,
         api_version=API_VERSION,

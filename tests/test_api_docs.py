@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
 from smartbin.v1 import classifier_pb2
 
 ROOT = Path(__file__).resolve().parents[1]

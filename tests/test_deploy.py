@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, free_port
 from deploy_files import DASHBOARD, DEPLOY, dashboard_expressions, rule_expressions
+from helpers import ROOT, free_port
 
 from edge_service.config import ReplayCameraConfig, load_config
 from edge_service.healthcheck import main as healthcheck_main

@@ -27,12 +27,12 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import free_port
 from deploy_files import DEPLOY, RULES, dashboard_expressions, rule_expressions
-from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+from helpers import free_port
 
 from edge_service.const import SAMPLES_DIR
 from edge_service.healthcheck import check
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 BINS = {"ci-scraped", "ci-agent"}

@@ -1,4 +1,5 @@
-"""Classification metrics shared by float and int8 evaluation (numpy only)."""
+"""Evaluation shared by the trainer and the converter: the float model's answers on photos
+prepared by the contract's preprocessing, and the metrics of any model's answers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+
+from smartbin.preprocessing import Preprocessing, prepare
+from trainer.data import Sample
 
 
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
@@ -80,3 +86,28 @@ def plot_confusion(report: dict[str, Any], classes: list[str], path: Path, title
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def eval_tensor(samples: list[Sample], spec: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation inputs through the edge runtime's own preprocessing (NCHW float 0..255)."""
+    pixels = np.stack([prepare(s.data, spec) for s in samples])
+    return (
+        torch.from_numpy(pixels).permute(0, 3, 1, 2).float(),
+        torch.tensor([s.label for s in samples]),
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """Softmax probabilities for a stack of eval inputs."""
+    model.eval()
+    out = [
+        model(inputs[i : i + batch_size].to(device, memory_format=torch.channels_last))
+        .float()
+        .softmax(1)
+        .cpu()
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return torch.cat(out).numpy()

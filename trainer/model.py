@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from edge_service.preprocess import Preprocessing
+from smartbin.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from edge_service.preprocess import Preprocessing, decode_image, prepare
+from smartbin.preprocessing import Preprocessing, decode_image
 from trainer.data import SPLITS, Sample, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
-from trainer.evaluate import classification_report, plot_confusion
+from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
 from trainer.model import PixelClassifier, create_classifier, default_preprocessing
 from trainer.qat import attach_fake_quant, plain_state_dict, start_rounding
 
@@ -69,31 +69,6 @@ class TrainImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]).float(), self.labels[index]
-
-
-def eval_tensor(samples: list[Sample], spec: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation inputs through the edge runtime's own preprocessing (NCHW float 0..255)."""
-    pixels = np.stack([prepare(s.data, spec) for s in samples])
-    return (
-        torch.from_numpy(pixels).permute(0, 3, 1, 2).float(),
-        torch.tensor([s.label for s in samples]),
-    )
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 64
-) -> np.ndarray:
-    """Softmax probabilities for a stack of eval inputs."""
-    model.eval()
-    out = [
-        model(inputs[i : i + batch_size].to(device, memory_format=torch.channels_last))
-        .float()
-        .softmax(1)
-        .cpu()
-        for i in range(0, len(inputs), batch_size)
-    ]
-    return torch.cat(out).numpy()
 
 
 @dataclass

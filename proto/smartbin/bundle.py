@@ -1,0 +1,216 @@
+"""The model bundle: the only thing that passes from the converter to the bin.
+
+A bundle is a folder holding ``manifest.json`` and the .tflite file it names. The manifest carries
+the labels in output order, the preprocessing, the version, the model's sha256 and the metrics
+measured when the bundle was made. :class:`Manifest` is its schema: a key this code does not know
+or a value it does not support is refused, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
+
+from smartbin.preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed or does not match its manifest."""
+
+
+class ModelFile(BaseModel):
+    """The manifest's ``model``: which file, its digest, and what kind of model it is."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str = Field(pattern=r"^[^/\\]+\.tflite$", description="a .tflite file in the bundle")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: NonNegativeInt | None = None
+    quantization: Literal["int8", "float32"]
+    architecture: str = ""
+
+
+class Manifest(BaseModel):
+    """``manifest.json``. ``metrics`` and ``source`` are free-form: what was measured and where
+    the model came from, shown to operators and never acted on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: Literal[1]
+    version: str = Field(min_length=1)
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    model: ModelFile
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
+            raise ValueError(f"needs two or more distinct, non-empty labels, has {list(labels)}")
+        return labels
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model.file
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.manifest.preprocessing
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.model.sha256
+
+    @property
+    def quantization(self) -> str:
+        return self.manifest.model.quantization
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.model.architecture
+
+    def flat_metrics(self) -> dict[str, float]:
+        """Numeric metrics as ``"int8.accuracy" -> 0.96``, nested keys joined by dots."""
+        return dict(_flatten(self.manifest.metrics))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    items: list[tuple[str, float]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items.extend(_flatten(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            items.append((name, float(value)))
+    return items
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _validation_message(err: ValidationError) -> str:
+    """pydantic's errors as one line: ``preprocessing.color: Input should be 'RGB' or 'BGR'``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'manifest'}: {e['msg']}"
+        for e in err.errors()
+    )
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse and validate ``folder``'s manifest.json, without looking at the model file.
+
+    Raises:
+        BundleError: with a message saying what is wrong and where.
+    """
+    manifest_path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a folder: a bundle is a folder holding {MANIFEST_NAME}")
+    try:
+        text = manifest_path.read_text()
+    except FileNotFoundError as err:
+        raise BundleError(f"{manifest_path} not found: is {folder} a model bundle?") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise BundleError(f"{manifest_path} cannot be read: {err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
+    if isinstance(data, dict) and data.get("format_version", 1) != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format {data['format_version']!r} is not supported (this code reads "
+            f"format {BUNDLE_FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        raise BundleError(
+            f"{manifest_path} is not a valid manifest: {_validation_message(err)}"
+        ) from err
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle folder: a valid manifest and a model file matching its sha256.
+
+    Raises:
+        BundleError: with a message saying what is wrong with the bundle.
+    """
+    folder = Path(path)
+    bundle = Bundle(folder, read_manifest(folder))
+    if not bundle.model_path.is_file():
+        raise BundleError(f"model file {bundle.model_path} named by the manifest is missing")
+    actual_sha = sha256_file(bundle.model_path)
+    if actual_sha != bundle.sha256:
+        raise BundleError(
+            f"{bundle.model_path} has sha256 {actual_sha}, the manifest says "
+            f"{bundle.sha256}: the bundle is corrupt or incomplete"
+        )
+    return bundle
+
+
+def write_bundle(
+    folder: str | Path,
+    model: bytes,
+    labels: list[str],
+    preprocessing: Preprocessing,
+    version: str,
+    quantization: Literal["int8", "float32"],
+    architecture: str,
+    metrics: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Bundle:
+    """Write a bundle folder (model.tflite + manifest.json) and return it verified."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.tflite"
+    model_path.write_bytes(model)
+    manifest = Manifest(
+        format_version=BUNDLE_FORMAT_VERSION,
+        version=version,
+        labels=tuple(labels),
+        preprocessing=preprocessing,
+        model=ModelFile(
+            file=model_path.name,
+            sha256=hashlib.sha256(model).hexdigest(),
+            bytes=len(model),
+            quantization=quantization,
+            architecture=architecture,
+        ),
+        metrics=metrics or {},
+        source=source or {},
+    )
+    (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return load_bundle(out)

@@ -1,0 +1,105 @@
+"""Helpers every test folder may use; nothing here imports the trainer, converter or torch, so the
+edge tests run with them in the edge-only environment (make test-edge)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+from PIL import Image
+
+from edge_service.config import ServiceConfig
+from smartbin.bundle import MANIFEST_NAME, Bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+# A dozen real TrashNet photos per class, small (tests/data/photos/SOURCE.md).
+PHOTOS = DATA / "photos"
+
+
+class HasMetricsPort(Protocol):
+    metrics_port: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.02)
+
+
+def scrape(service: HasMetricsPort) -> str:
+    """The service's /metrics page, as Prometheus reads it."""
+    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def metric(service: HasMetricsPort, line_start: str) -> float:
+    """The value of the first /metrics sample whose line starts with ``line_start``; 0 when
+    there is none yet."""
+    for line in scrape(service).splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def slow_png(width: int = 6000, height: int = 5000) -> bytes:
+    """A small file that is slow to classify: a 30-megapixel gradient PNG (about 400 kB)."""
+    y, x = np.indices((height, width), dtype=np.uint32)
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def copy_bundle(source: Path, folder: Path, **changes: Any) -> Path:
+    """A copy of the bundle at ``source`` in ``folder``, its manifest's top-level keys replaced
+    by ``changes`` (relabelled, re-versioned...). The model file is copied unchanged."""
+    shutil.copytree(source, folder)
+    manifest_path = folder / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(changes)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def open_float_twin(path: Path, bundle: Bundle) -> tuple[Interpreter, dict, dict]:
+    """The float32 twin of ``bundle`` at ``path``, checked to take float32 pixels of the
+    bundle's input size and give one float32 score per label; with its input and output."""
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    size = bundle.preprocessing.input_size
+    assert inp["dtype"] == np.float32 and tuple(inp["shape"]) == (1, size, size, 3)
+    assert out["dtype"] == np.float32 and out["shape"][-1] == len(bundle.labels)
+    return interpreter, inp, out
+
+
+def local_config(bundle: Path, **overrides: object) -> ServiceConfig:
+    """A config serving ``bundle`` on free loopback ports with one thread, plus ``overrides``."""
+    settings = {
+        "bundle": bundle,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
+        "num_threads": 1,
+    }
+    settings.update(overrides)
+    return ServiceConfig(**settings)

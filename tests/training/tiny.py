@@ -1,0 +1,54 @@
+"""Quick real training runs on the shipped photos, for the trainer and converter tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from converter.convert import convert
+from trainer.train import parse_args, run
+
+TINY_SIZE = 96
+
+
+def tiny_train_args(data: Path, out: Path, name: str, *extra: str, epochs: int = 1) -> list[str]:
+    """smartbin-train's arguments for a quick run on the tiny data, plus ``extra``."""
+    return [
+        "--data",
+        str(data),
+        "--img-size",
+        str(TINY_SIZE),
+        "--epochs",
+        str(epochs),
+        "--patience",  # a tiny val side is noisy: train every epoch asked for
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--no-mlflow",
+        *extra,
+    ]
+
+
+def tiny_checkpoint(tiny_bundle: Path) -> Path:
+    """The trained checkpoint the tiny bundle was converted from."""
+    return tiny_bundle.parent / "run" / "checkpoint.pt"
+
+
+def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
+    """Run the real trainer and converter CLIs' code paths; return the bundle folder."""
+    checkpoint = run(parse_args(tiny_train_args(data, work, "run", epochs=epochs)))
+    bundle = work / "bundle"
+    convert(
+        checkpoint,
+        bundle,
+        calibration_count=16,
+        max_drop=100.0,
+        version="tiny-test",
+        float_twin=work / "float32.tflite",
+    )
+    return bundle

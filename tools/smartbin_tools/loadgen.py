@@ -1,0 +1,445 @@
+"""``smartbin-load``: a bounded Classify load on a service on this machine.
+
+Runs Classify from N threads for a set time against a service on loopback (one it starts itself
+with ``smartbin-serve``, or ``--target``), then stops by itself. Reports calls/s, p50/p95/p99
+latency, errors by status code and the server's resident memory over time. Refuses any target
+that is not loopback: it is a measuring tool, not a way to load someone else's bin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import ipaddress
+import json
+import logging
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from edge_service.client import add_tls_arguments, open_channel
+from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
+from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_DURATION_SECONDS = 3600.0
+MAX_CONCURRENCY = 256
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+_SERVING_LINE = re.compile(r"on gRPC port (\d+) .*metrics on port (\d+)")
+
+
+class NotLoopbackError(ValueError):
+    """The target is not an address of this machine's loopback interface."""
+
+
+def require_loopback(target: str) -> None:
+    """Accept ``host:port`` only when every address ``host`` resolves to is loopback.
+
+    Raises:
+        NotLoopbackError: the host is not loopback, does not resolve, or has no port.
+    """
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise NotLoopbackError(f"target {target!r} is not host:port")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+    except socket.gaierror as err:
+        raise NotLoopbackError(f"cannot resolve {host!r}: {err}") from err
+    addresses = {str(info[4][0]) for info in infos}
+    outside = sorted(a for a in addresses if not ipaddress.ip_address(a).is_loopback)
+    if outside:
+        raise NotLoopbackError(
+            f"{host!r} resolves to {', '.join(outside)}: smartbin-load only targets loopback "
+            "(127.0.0.1, ::1, localhost), a service on this machine"
+        )
+
+
+@dataclass
+class ServiceProcess:
+    """A ``smartbin-serve`` child process on loopback, its ports and its log lines."""
+
+    process: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for the exit, return the exit code (kill if it does not come)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def spawn_service(
+    extra_args: list[str],
+    start_timeout: float = 60.0,
+    python: str = sys.executable,
+    cwd: Path | None = None,
+) -> ServiceProcess:
+    """Start ``smartbin-serve`` on free loopback ports and wait until it says it serves.
+
+    Args:
+        extra_args: further command-line arguments (``--bundle``, ``--config``...).
+        start_timeout: seconds to wait for the "serving" log line.
+        python: interpreter to run it with.
+        cwd: folder to start it in (default: this process's).
+
+    Raises:
+        RuntimeError: the service exited or did not start in time; the message holds its log.
+    """
+    command = [python, "-m", "edge_service.server", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--metrics-port", "0", *extra_args]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    found: list[tuple[int, int]] = []
+    started = threading.Event()
+
+    def read_log() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line.rstrip("\n"))
+            match = _SERVING_LINE.search(line)
+            if match and not found:
+                found.append((int(match.group(1)), int(match.group(2))))
+                started.set()
+        started.set()
+
+    threading.Thread(target=read_log, name="serve-log", daemon=True).start()
+    if not started.wait(start_timeout) or not found:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        raise RuntimeError("smartbin-serve did not start:\n" + "\n".join(log))
+    port, metrics_port = found[0]
+    return ServiceProcess(process, port, metrics_port, log)
+
+
+def load_images(folder: Path | None) -> list[bytes]:
+    """Encoded photos from ``folder``; one generated photo-sized JPEG when there are none."""
+    if folder is not None and folder.is_dir():
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if paths:
+            return [p.read_bytes() for p in paths]
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+    return [buffer.getvalue()]
+
+
+class RssSampler:
+    """Samples a process's resident memory once a second (needs psutil; else reports none)."""
+
+    def __init__(self, pid: int | None, every: float = 1.0) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._process: Any = None
+        self._every = every
+        self._stop = threading.Event()
+        if pid is None:
+            return
+        try:
+            import psutil
+        except ImportError:
+            logger.warning("psutil is not installed: no memory figures")
+            return
+        self._process = psutil.Process(pid)
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    def sample(self) -> int | None:
+        if self._process is None:
+            return None
+        try:
+            rss = int(self._process.memory_info().rss)
+        except Exception:  # the process ended: keep what was measured
+            return None
+        self.samples.append((time.monotonic(), rss))
+        return rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.sample()
+
+    def start(self) -> None:
+        if self._process is not None:
+            self.sample()
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._process is not None:
+            self.sample()
+
+
+@dataclass
+class Call:
+    ended: float
+    seconds: float
+    code: str
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
+    p50, p95, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 95, 99])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+
+
+def summarise(calls: list[Call], seconds: float) -> dict[str, Any]:
+    """Calls/s, latency percentiles of successful calls and errors by code."""
+    codes = Counter(c.code for c in calls)
+    ok = [c.seconds for c in calls if c.code == "OK"]
+    return {
+        "calls": len(calls),
+        "calls_per_second": len(calls) / seconds if seconds > 0 else 0.0,
+        **percentiles_ms(ok),
+        "max_ms": max(ok) * 1000 if ok else float("nan"),
+        "errors": len(calls) - len(ok),
+        "errors_by_code": {code: n for code, n in codes.items() if code != "OK"},
+    }
+
+
+@dataclass
+class LoadSettings:
+    target: str
+    concurrency: int
+    duration: float
+    report_every: float
+    timeout: float
+    top_k: int = 0
+
+
+class LoadRun:
+    """Threads calling Classify in a loop until the time is up."""
+
+    def __init__(
+        self, settings: LoadSettings, channel: grpc.Channel, images: list[bytes], pid: int | None
+    ) -> None:
+        self.settings = settings
+        self.stub = classifier_pb2_grpc.ClassifierStub(channel)
+        self.requests = [
+            classifier_pb2.ClassifyRequest(image=image, top_k=settings.top_k) for image in images
+        ]
+        self.rss = RssSampler(pid)
+        self.calls: list[Call] = []
+        self.intervals: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _worker(self, index: int) -> None:
+        n = index
+        while not self._stop.is_set():
+            request = self.requests[n % len(self.requests)]
+            n += 1
+            started = time.monotonic()
+            try:
+                self.stub.Classify(request, timeout=self.settings.timeout)
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name if err.code() else "UNKNOWN"
+            ended = time.monotonic()
+            with self._lock:
+                self.calls.append(Call(ended, ended - started, code))
+
+    def run(self, out: Any = sys.stdout) -> dict[str, Any]:
+        """Run the load, print a line per interval and return the summary."""
+        s = self.settings
+        self.rss.start()
+        rss_before = self.rss.samples[-1][1] if self.rss.samples else None
+        start = time.monotonic()
+        threads = [
+            threading.Thread(target=self._worker, args=(i,), name=f"load-{i}", daemon=True)
+            for i in range(s.concurrency)
+        ]
+        for thread in threads:
+            thread.start()
+        print(
+            f"{'t s':>6} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+            f"{'errors':>6} {'RSS MB':>7}",
+            file=out,
+            flush=True,
+        )
+        seen = 0
+        end = start + s.duration
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= end:
+                    break
+                self._stop.wait(min(s.report_every, end - now))
+                seen = self._report_interval(start, seen, out)
+        except KeyboardInterrupt:
+            print("interrupted: stopping", file=out)
+        finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join(s.timeout + 5)
+        elapsed = time.monotonic() - start
+        self.rss.stop()
+        return self._summary(elapsed, rss_before)
+
+    def _report_interval(self, start: float, seen: int, out: Any) -> int:
+        now = time.monotonic()
+        with self._lock:
+            fresh = self.calls[seen:]
+            seen = len(self.calls)
+        previous_end = self.intervals[-1]["t"] if self.intervals else 0.0
+        span = max(now - start - previous_end, 1e-9)
+        row = summarise(fresh, span)
+        rss = self.rss.samples[-1][1] if self.rss.samples else None
+        interval = {"t": now - start, **row, "rss_bytes": rss}
+        self.intervals.append(interval)
+        rss_text = f"{rss / 2**20:7.1f}" if rss else "    n/a"
+        print(
+            f"{interval['t']:6.0f} {row['calls_per_second']:8.1f} {row['p50_ms']:7.1f} "
+            f"{row['p95_ms']:7.1f} {row['p99_ms']:7.1f} {row['errors']:6d} {rss_text}",
+            file=out,
+            flush=True,
+        )
+        return seen
+
+    def _summary(self, elapsed: float, rss_before: int | None) -> dict[str, Any]:
+        summary = summarise(self.calls, elapsed)
+        rss = [value for _, value in self.rss.samples]
+        first_interval_rss = self.intervals[0]["rss_bytes"] if self.intervals else None
+        return {
+            "settings": asdict(self.settings),
+            "seconds": elapsed,
+            **summary,
+            "rss_bytes": {
+                "before": rss_before,
+                "after_first_interval": first_interval_rss,
+                "end": rss[-1] if rss else None,
+                "max": max(rss) if rss else None,
+            },
+            "intervals": self.intervals,
+        }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    s = summary["settings"]
+    lines = [
+        f"\n{summary['seconds']:.0f} s at concurrency {s['concurrency']} against {s['target']}",
+        f"{'calls':>8} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'errors':>6}",
+        f"{summary['calls']:8d} {summary['calls_per_second']:8.1f} {summary['p50_ms']:7.1f} "
+        f"{summary['p95_ms']:7.1f} {summary['p99_ms']:7.1f} {summary['max_ms']:7.1f} "
+        f"{summary['errors']:6d}",
+    ]
+    if summary["errors_by_code"]:
+        lines.append(f"errors by code: {summary['errors_by_code']}")
+    rss = summary["rss_bytes"]
+    if rss["end"] is not None:
+        mb = {k: (f"{v / 2**20:.1f}" if v is not None else "n/a") for k, v in rss.items()}
+        lines.append(
+            f"server RSS MB: before {mb['before']}, after first interval "
+            f"{mb['after_first_interval']}, end {mb['end']}, max {mb['max']}"
+        )
+    return "\n".join(lines)
+
+
+def find_listening_pid(port: int) -> int | None:
+    """The pid of the process listening on ``port`` on this machine, if psutil can tell."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        connections = psutil.net_connections("tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return int(conn.pid) if conn.pid else None
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`: "))
+    parser.add_argument(
+        "--target",
+        help="loopback host:port of a running service; without it a smartbin-serve is started",
+    )
+    parser.add_argument("--pid", type=int, help="server pid for memory figures (with --target)")
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR, help="bundle to serve")
+    parser.add_argument("--config", type=Path, help="smartbin-serve YAML config to serve with")
+    parser.add_argument("--images", type=Path, default=SAMPLES_DIR, help="folder of photos")
+    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight at once")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    parser.add_argument("--report-every", type=float, default=10.0, help="seconds per line")
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    add_tls_arguments(parser)
+    args = parser.parse_args(argv)
+    if not 0 < args.duration <= MAX_DURATION_SECONDS:
+        parser.error(f"--duration must be in (0, {MAX_DURATION_SECONDS:.0f}] seconds")
+    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        parser.error(f"--concurrency must be 1 to {MAX_CONCURRENCY}")
+    if args.report_every <= 0 or args.timeout <= 0:
+        parser.error("--report-every and --timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    service: ServiceProcess | None = None
+    if args.target:
+        try:
+            require_loopback(args.target)
+        except NotLoopbackError as err:
+            sys.exit(f"smartbin-load: {err}")
+        target = args.target
+        pid = args.pid or find_listening_pid(int(target.rpartition(":")[2]))
+    else:
+        serve_args = ["--bundle", str(args.bundle)]
+        if args.config:
+            serve_args += ["--config", str(args.config)]
+        try:
+            service = spawn_service(serve_args)
+        except RuntimeError as err:
+            sys.exit(f"smartbin-load: {err}")
+        target, pid = service.target, service.process.pid
+    try:
+        channel = open_channel(target, args.ca, args.cert, args.key, args.server_name)
+        settings = LoadSettings(
+            target, args.concurrency, args.duration, args.report_every, args.timeout, args.top_k
+        )
+        with channel:
+            summary = LoadRun(settings, channel, load_images(args.images), pid).run()
+    finally:
+        exit_code = service.stop() if service is not None else 0
+    print(format_summary(summary))
+    if service is not None:
+        print(f"smartbin-serve exited with code {exit_code}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    sys.exit(1 if summary["errors"] or exit_code else 0)
+
+
+if __name__ == "__main__":
+    main()

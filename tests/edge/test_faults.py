@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import metric, scrape, slow_png, wait_for
 
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
-from smartbin_tools.loadgen import spawn_service
+from smartbin_tools.service import spawn_service
 
 GRACE_SECONDS = 8.0
 SLOW_CALLS = 4

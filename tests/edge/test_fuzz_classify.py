@@ -31,7 +31,7 @@ from PIL import Image
 from edge_service.config import ServiceConfig
 from smartbin.bundle import load_bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
-from smartbin_tools.loadgen import ServiceProcess, spawn_service
+from smartbin_tools.service import ServiceProcess, spawn_service
 
 EXAMPLES = int(os.environ.get("SMARTBIN_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(

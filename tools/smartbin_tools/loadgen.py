@@ -13,14 +13,12 @@ import io
 import ipaddress
 import json
 import logging
-import re
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,13 @@ from PIL import Image
 from edge_service.client import add_tls_arguments, open_channel
 from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+from smartbin_tools.service import ServiceProcess, spawn_service
 
 logger = logging.getLogger(__name__)
 
 MAX_DURATION_SECONDS = 3600.0
 MAX_CONCURRENCY = 256
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-_SERVING_LINE = re.compile(r"on gRPC port (\d+) .*metrics on port (\d+)")
 
 
 class NotLoopbackError(ValueError):
@@ -65,77 +63,6 @@ def require_loopback(target: str) -> None:
             f"{host!r} resolves to {', '.join(outside)}: smartbin-load only targets loopback "
             "(127.0.0.1, ::1, localhost), a service on this machine"
         )
-
-
-@dataclass
-class ServiceProcess:
-    """A ``smartbin-serve`` child process on loopback, its ports and its log lines."""
-
-    process: subprocess.Popen[str]
-    port: int
-    metrics_port: int
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait for the exit, return the exit code (kill if it does not come)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-
-def spawn_service(
-    extra_args: list[str],
-    start_timeout: float = 60.0,
-    python: str = sys.executable,
-    cwd: Path | None = None,
-) -> ServiceProcess:
-    """Start ``smartbin-serve`` on free loopback ports and wait until it says it serves.
-
-    Args:
-        extra_args: further command-line arguments (``--bundle``, ``--config``...).
-        start_timeout: seconds to wait for the "serving" log line.
-        python: interpreter to run it with.
-        cwd: folder to start it in (default: this process's).
-
-    Raises:
-        RuntimeError: the service exited or did not start in time; the message holds its log.
-    """
-    command = [python, "-m", "edge_service.server", "--host", "127.0.0.1", "--port", "0"]
-    command += ["--metrics-port", "0", *extra_args]
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd
-    )
-    assert process.stderr is not None
-    log: list[str] = []
-    found: list[tuple[int, int]] = []
-    started = threading.Event()
-
-    def read_log() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            log.append(line.rstrip("\n"))
-            match = _SERVING_LINE.search(line)
-            if match and not found:
-                found.append((int(match.group(1)), int(match.group(2))))
-                started.set()
-        started.set()
-
-    threading.Thread(target=read_log, name="serve-log", daemon=True).start()
-    if not started.wait(start_timeout) or not found:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        raise RuntimeError("smartbin-serve did not start:\n" + "\n".join(log))
-    port, metrics_port = found[0]
-    return ServiceProcess(process, port, metrics_port, log)
 
 
 def load_images(folder: Path | None) -> list[bytes]:

@@ -1,8 +1,9 @@
-"""Every dependency of the `edge` extra must be a prebuilt wheel for the edge image on aarch64.
+"""Every dependency of the edge (smartbin-edge and smartbin-contract) must be a prebuilt wheel for
+the edge image on aarch64.
 
 The edge image (deploy/edge/Dockerfile) is Debian bookworm with its own CPython 3.11 and glibc
 2.36, so a wheel tagged manylinux_2_17 .. manylinux_2_36 aarch64 (or pure Python) installs there.
-pip resolves the extra for exactly that platform with --only-binary=:all: and the constraints the
+pip resolves those dependencies for exactly that platform with --only-binary=:all: and the constraints the
 image uses; anything without such a wheel fails here instead of compiling on a Pi.
 
     .venv/bin/python .ci/check-edge-wheels.py
@@ -28,19 +29,17 @@ PLATFORMS = [f"manylinux_2_{minor}_aarch64" for minor in range(17, GLIBC_MINOR +
 ]
 
 
+# The distributions a bin installs (deploy/install-edge.sh); they require each other by name.
+EDGE_PARTS = ("proto", "edge_service")
+
+
 def edge_requirements() -> list[str]:
-    """The edge extra's requirements, with references to other smartbin extras expanded."""
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]
-    pending, requirements = ["edge"], []
-    while pending:
-        for requirement in extras[pending.pop()]:
-            if requirement.startswith("smartbin["):
-                pending.extend(requirement[len("smartbin[") : -1].split(","))
-            else:
-                requirements.append(requirement)
-    return requirements
+    """The third-party requirements of the edge's distributions (not the parts themselves)."""
+    requirements: list[str] = []
+    for part in EDGE_PARTS:
+        project = tomllib.loads((ROOT / part / "pyproject.toml").read_text())["project"]
+        requirements += [r for r in project["dependencies"] if not r.startswith("smartbin-")]
+    return sorted(set(requirements))
 
 
 def wheel_platform(filename: str) -> str:
@@ -72,7 +71,7 @@ def main() -> int:
             *requirements,
         ]
         if subprocess.run(command).returncode != 0:
-            print("FAIL: the edge extra does not resolve to aarch64 wheels (pip's message above)")
+            print("FAIL: the edge does not resolve to aarch64 wheels (pip's message above)")
             return 1
         files = sorted(path.name for path in Path(folder).iterdir())
     bad = [name for name in files if not name.endswith(".whl")]
@@ -88,7 +87,7 @@ def main() -> int:
         return 1
     print(
         f"OK: {len(files)} wheels for CPython {PYTHON_VERSION} on aarch64 "
-        f"(glibc 2.{GLIBC_MINOR}) cover the edge extra: {', '.join(requirements)}"
+        f"(glibc 2.{GLIBC_MINOR}) cover the edge: {', '.join(requirements)}"
     )
     return 0
 

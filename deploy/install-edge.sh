@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install the edge service (the `edge` extra only) into a virtual environment from prebuilt wheels.
+# Install the edge service (smartbin-edge and the contract it depends on, nothing else of this
+# repository) into a virtual environment from prebuilt wheels.
 #
 # This one script is the install step of deploy/edge/Dockerfile and of the arm64 smoke test in CI
 # (.ci/arm64-smoke), so what CI proves is what the image does.
@@ -22,10 +23,11 @@ python=${PYTHON:-python3}
 "$python" -m venv --system-site-packages "$venv"
 wheels=$(mktemp -d)
 trap 'rm -rf "$wheels"' EXIT
-# smartbin itself is pure Python: build its wheel, then install it with its edge extra.
-"$venv/bin/pip" wheel --quiet --no-cache-dir --no-deps --wheel-dir "$wheels" "$project"
-set -- "$wheels"/smartbin-*.whl
+# smartbin's two edge distributions are pure Python: build their wheels, then install them (one
+# pip call: the edge requires the contract by name and neither is on PyPI).
+"$venv/bin/pip" wheel --quiet --no-cache-dir --no-deps --wheel-dir "$wheels" \
+    "$project/proto" "$project/edge_service"
 "$venv/bin/pip" install --quiet --no-cache-dir --only-binary=:all: \
-    --constraint "$project/deploy/edge-constraints.txt" "$1[edge]"
+    --constraint "$project/deploy/edge-constraints.txt" "$wheels"/smartbin_*.whl
 # Fail here, not at first start, if a wheel does not load on this machine.
 "$venv/bin/python" -c "import edge_service.server"

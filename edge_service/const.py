@@ -20,8 +20,8 @@ DEFAULT_METRICS_PORT = 9108
 
 
 def service_version() -> str:
-    """The installed smartbin package version (stated once, in pyproject.toml)."""
+    """The installed edge service version (stated once, in edge_service/pyproject.toml)."""
     try:
-        return metadata.version("smartbin")
+        return metadata.version("smartbin-edge")
     except metadata.PackageNotFoundError:
         return "0+unknown"

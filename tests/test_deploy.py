@@ -30,7 +30,7 @@ def dev_tool(name: str) -> str:
     """A tool the dev extra installs next to the interpreter running the tests."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
-    assert found, f"{name} not found: install the dev extra (pip install -e '.[dev]')"
+    assert found, f"{name} not found: install the dev group (make .venv/.installed)"
     return found
 
 

@@ -18,14 +18,14 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import local_config, metric, scrape, wait_for
+from helpers import PHOTOS, ROOT, local_config, metric, scrape, wait_for
 from PIL import Image
 from pydantic import ValidationError
 
 from edge_service.camera import create_camera
 from edge_service.config import ServiceConfig, load_config
 from edge_service.server import RunningService, create_server
-from smartbin.bundle import load_bundle
+from smartbin.bundle import Bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 CAMERA = "smartbin.v1.Camera"
@@ -55,23 +55,21 @@ def camera_is(bin_: SimpleNamespace, status: int) -> Callable[[], bool]:
     return lambda: health_of(bin_, CAMERA) == status
 
 
-def labels_of(bundle: Path) -> int:
-    return len(load_bundle(bundle).labels)
-
-
 def camera_errors(service: RunningService) -> float:
     return metric(service, "smartbin_camera_errors_total ")
 
 
-def photos(data: Path, count: int) -> list[Path]:
-    return sorted(data.rglob("*.jpg"))[:count]
+def photos(count: int) -> list[Path]:
+    """``count`` real photos, each of a different category."""
+    folders = sorted(path for path in PHOTOS.iterdir() if path.is_dir())
+    return [sorted(folder.glob("*.jpg"))[0] for folder in folders][:count]
 
 
 @pytest.fixture
-def replay_folder(tmp_path: Path, tiny_data: Path) -> Path:
+def replay_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "replay"
     folder.mkdir()
-    for i, path in enumerate(photos(tiny_data, 3)):
+    for i, path in enumerate(photos(3)):
         shutil.copy(path, folder / f"{i:02d}.jpg")
     return folder
 
@@ -99,9 +97,9 @@ class EventWatcher:
 
 
 def test_capture_classifies_a_camera_photo_and_watchers_see_it(
-    tiny_bundle: Path, replay_folder: Path
+    default_bundle: Path, default_loaded: Bundle, replay_folder: Path
 ) -> None:
-    config = local_config(tiny_bundle, camera=replay_camera(replay_folder))
+    config = local_config(default_bundle, camera=replay_camera(replay_folder))
     with running(config) as bin_:
         wait_for(camera_is(bin_, health_pb2.HealthCheckResponse.SERVING))
         watchers = [EventWatcher(bin_.stub), EventWatcher(bin_.stub)]
@@ -109,14 +107,15 @@ def test_capture_classifies_a_camera_photo_and_watchers_see_it(
         event = bin_.stub.Capture(classifier_pb2.CaptureRequest(top_k=2), timeout=10)
         assert event.trigger == "rpc"
         assert len(event.predictions) == 2
-        assert event.model_version == "tiny-test"
+        assert event.model_version == default_loaded.version
+        assert event.predictions[0].label in default_loaded.labels
         assert event.timings.capture_seconds > 0
         assert abs(event.timestamp - time.time()) < 60
         for watcher in watchers:
             wait_for(lambda w=watcher: len(w.events) == 1)
             seen = watcher.events[0]
             assert seen.event_id == event.event_id
-            assert len(seen.predictions) == labels_of(tiny_bundle)  # watchers get every label
+            assert len(seen.predictions) == len(default_loaded.labels)  # watchers get all
             assert seen.missed_events == 0
         second = bin_.stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
         assert second.event_id > event.event_id
@@ -132,8 +131,8 @@ def test_capture_classifies_a_camera_photo_and_watchers_see_it(
     assert service.runtime.capture is not None and not service.runtime.capture.feed.up
 
 
-def test_too_many_watchers_is_resource_exhausted(tiny_bundle: Path) -> None:
-    with running(local_config(tiny_bundle, max_watchers=1)) as bin_:
+def test_too_many_watchers_is_resource_exhausted(default_bundle: Path) -> None:
+    with running(local_config(default_bundle, max_watchers=1)) as bin_:
         first = EventWatcher(bin_.stub)
         wait_for(lambda: "smartbin_watchers 1.0" in scrape(bin_.service))
         second = EventWatcher(bin_.stub)
@@ -145,23 +144,23 @@ def test_too_many_watchers_is_resource_exhausted(tiny_bundle: Path) -> None:
 
 
 def test_capture_without_a_camera_is_unavailable_and_classify_serves(
-    channel: grpc.Channel, tiny_data: Path
+    channel: grpc.Channel,
 ) -> None:
     stub = classifier_pb2_grpc.ClassifierStub(channel)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Capture(classifier_pb2.CaptureRequest(), timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no camera configured" in caught.value.details()
-    request = classifier_pb2.ClassifyRequest(image=photos(tiny_data, 1)[0].read_bytes())
+    request = classifier_pb2.ClassifyRequest(image=photos(1)[0].read_bytes())
     assert stub.Classify(request, timeout=10).predictions
 
 
 def test_a_vanished_camera_is_reported_and_retried_while_classify_keeps_serving(
-    tiny_bundle: Path, replay_folder: Path, tiny_data: Path
+    default_bundle: Path, replay_folder: Path
 ) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    with running(local_config(tiny_bundle, camera=replay_camera(replay_folder))) as bin_:
+    with running(local_config(default_bundle, camera=replay_camera(replay_folder))) as bin_:
         wait_for(camera_is(bin_, serving))
         hidden = replay_folder.rename(replay_folder.with_name("unplugged"))
         wait_for(camera_is(bin_, not_serving))
@@ -173,7 +172,7 @@ def test_a_vanished_camera_is_reported_and_retried_while_classify_keeps_serving(
         assert "camera is down" in caught.value.details()
         assert health_of(bin_, "") == serving
         assert health_of(bin_, "smartbin.v1.Classifier") == serving
-        request = classifier_pb2.ClassifyRequest(image=photos(tiny_data, 1)[0].read_bytes())
+        request = classifier_pb2.ClassifyRequest(image=photos(1)[0].read_bytes())
         assert bin_.stub.Classify(request, timeout=10).predictions
 
         hidden.rename(replay_folder)
@@ -200,12 +199,12 @@ def blocked_reader(fifos: list[Path]) -> int:
 
 
 def test_a_camera_read_that_hangs_is_reported_and_recovers(
-    tiny_bundle: Path, replay_folder: Path
+    default_bundle: Path, replay_folder: Path
 ) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     camera = replay_camera(replay_folder, stall_seconds=0.5)
-    with running(local_config(tiny_bundle, camera=camera)) as bin_:
+    with running(local_config(default_bundle, camera=camera)) as bin_:
         wait_for(camera_is(bin_, serving))
         # A FIFO with no writer blocks the read inside open(2), as a stuck driver would.
         photos_by_name = {p: p.read_bytes() for p in sorted(replay_folder.iterdir())}
@@ -241,11 +240,11 @@ def test_a_camera_read_that_hangs_is_reported_and_recovers(
     ],
 )
 def test_a_camera_that_cannot_open_leaves_the_service_up(
-    tiny_bundle: Path, camera: dict, reason: str
+    default_bundle: Path, camera: dict, reason: str
 ) -> None:
     if camera["type"] == "picamera2" and importlib.util.find_spec("picamera2"):
         pytest.skip("picamera2 is installed here: this checks the guarded import")
-    config = local_config(tiny_bundle, camera={**camera, **FAST_CAMERA})
+    config = local_config(default_bundle, camera={**camera, **FAST_CAMERA})
     with running(config) as bin_:
         assert health_of(bin_, "") == health_pb2.HealthCheckResponse.SERVING
         wait_for(lambda: "smartbin_camera_errors_total 2.0" in scrape(bin_.service))
@@ -257,19 +256,19 @@ def test_a_camera_that_cannot_open_leaves_the_service_up(
 
 
 def test_opencv_camera_reads_a_video_stream(
-    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+    default_bundle: Path, default_loaded: Bundle, tmp_path: Path
 ) -> None:
     cv2 = pytest.importorskip("cv2")
     video = tmp_path / "bin.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
-    frame = np.asarray(Image.open(photos(tiny_data, 1)[0]).convert("RGB").resize((160, 120)))
+    frame = np.asarray(Image.open(photos(1)[0]).convert("RGB").resize((160, 120)))
     for _ in range(20):
         writer.write(frame[:, :, ::-1].copy())
     writer.release()
-    config = local_config(tiny_bundle, camera={"type": "opencv", "device": str(video)})
+    config = local_config(default_bundle, camera={"type": "opencv", "device": str(video)})
     with running(config) as bin_:
         event = bin_.stub.Capture(classifier_pb2.CaptureRequest(top_k=1), timeout=10)
-        assert event.predictions[0].label
+        assert event.predictions[0].label in default_loaded.labels
         assert event.timings.capture_seconds > 0
 
 
@@ -286,10 +285,10 @@ def mock_pins() -> Iterator[object]:
 
 
 def test_lid_switch_triggers_a_photo_and_repeats_are_debounced(
-    tiny_bundle: Path, replay_folder: Path, mock_pins: object
+    default_bundle: Path, default_loaded: Bundle, replay_folder: Path, mock_pins: object
 ) -> None:
     config = local_config(
-        tiny_bundle,
+        default_bundle,
         camera=replay_camera(replay_folder),
         triggers={"gpio": {"pin": 17, "bounce_seconds": None}, "debounce_seconds": 30},
     )
@@ -303,7 +302,7 @@ def test_lid_switch_triggers_a_photo_and_repeats_are_debounced(
             lid.drive_high()
         wait_for(lambda: len(watcher.events) == 1)
         assert watcher.events[0].trigger == "gpio"
-        assert len(watcher.events[0].predictions) == labels_of(tiny_bundle)
+        assert len(watcher.events[0].predictions) == len(default_loaded.labels)
         text = scrape(bin_.service)
         assert 'smartbin_triggers_total{outcome="accepted",source="gpio"} 1.0' in text
         assert 'smartbin_triggers_total{outcome="debounced",source="gpio"} 2.0' in text
@@ -313,25 +312,25 @@ def test_lid_switch_triggers_a_photo_and_repeats_are_debounced(
 
 
 def test_a_busy_gpio_pin_is_a_clear_startup_error(
-    tiny_bundle: Path, replay_folder: Path, mock_pins: object
+    default_bundle: Path, replay_folder: Path, mock_pins: object
 ) -> None:
     config = local_config(
-        tiny_bundle, camera=replay_camera(replay_folder), triggers={"gpio": {"pin": 17}}
+        default_bundle, camera=replay_camera(replay_folder), triggers={"gpio": {"pin": 17}}
     )
     with running(config), pytest.raises(ValueError, match="GPIO pin 17 cannot be used"):
         create_server(config)
 
 
 def test_motion_fires_once_when_an_item_lands_and_the_scene_settles(
-    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+    default_bundle: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "motion"
     folder.mkdir()
     for name in ("00-empty.png", "01-empty.png"):
         Image.new("RGB", (160, 120), (250, 250, 250)).save(folder / name)
-    shutil.copy(photos(tiny_data, 1)[0], folder / "02-item.jpg")
+    shutil.copy(photos(1)[0], folder / "02-item.jpg")
     config = local_config(
-        tiny_bundle,
+        default_bundle,
         camera=replay_camera(folder, loop=False),
         triggers={"motion": {"settle_frames": 2}},
     )
@@ -347,16 +346,16 @@ def test_motion_fires_once_when_an_item_lands_and_the_scene_settles(
 
 
 def test_unsure_answers_are_marked_and_their_photos_kept_newest_first(
-    tiny_bundle: Path, tiny_data: Path, replay_folder: Path, tmp_path: Path
+    default_bundle: Path, replay_folder: Path, tmp_path: Path
 ) -> None:
     kept = tmp_path / "unsure"
     config = local_config(
-        tiny_bundle,
+        default_bundle,
         camera=replay_camera(replay_folder),
         confidence_threshold=1.0,  # nothing is certain: every answer is unsure
         unsure_images={"folder": kept, "max_files": 2},
     )
-    uploads = photos(tiny_data, 3)
+    uploads = photos(3)
     with running(config) as bin_:
         for path in uploads:
             request = classifier_pb2.ClassifyRequest(image=path.read_bytes())
@@ -371,16 +370,16 @@ def test_unsure_answers_are_marked_and_their_photos_kept_newest_first(
     assert Image.open(files[1]).size == Image.open(replay_folder / "00.jpg").size
 
 
-def test_camera_config_errors_name_the_choices(tiny_bundle: Path) -> None:
+def test_camera_config_errors_name_the_choices(default_bundle: Path) -> None:
     with pytest.raises(ValidationError, match="'picamera2', 'opencv', 'replay'"):
-        local_config(tiny_bundle, camera={"type": "webcam"})
+        local_config(default_bundle, camera={"type": "webcam"})
     with pytest.raises(ValidationError, match="triggers need a camera"):
-        local_config(tiny_bundle, triggers={"motion": {}})
+        local_config(default_bundle, triggers={"motion": {}})
     with pytest.raises(ValueError, match="unknown camera type 'webcam'"):
         create_camera(SimpleNamespace(type="webcam"))  # type: ignore[arg-type]
 
 
 def test_the_example_bin_config_is_valid() -> None:
-    config = load_config(Path(__file__).parents[1] / "examples" / "bin.yaml")
+    config = load_config(ROOT / "examples" / "bin.yaml")
     assert config.camera is not None and config.camera.type == "picamera2"
     assert config.triggers.gpio is not None and config.triggers.motion is not None

@@ -22,9 +22,10 @@ def answers(stub: classifier_pb2_grpc.ClassifierStub, photos: list[bytes], worke
         return list(pool.map(classify, photos))
 
 
-def test_calls_side_by_side_get_the_answers_of_calls_one_at_a_time(tiny_bundle: Path) -> None:
-    photos = [path.read_bytes() for path in sorted(SAMPLES_DIR.glob("*.jpg"))] * 4
-    service = create_server(local_config(tiny_bundle, interpreters=3))
+def test_calls_side_by_side_get_the_answers_of_calls_one_at_a_time(default_bundle: Path) -> None:
+    # Each sample twice: a dozen calls, enough for six callers to overlap on three interpreters.
+    photos = [path.read_bytes() for path in sorted(SAMPLES_DIR.glob("*.jpg"))] * 2
+    service = create_server(local_config(default_bundle, interpreters=3))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = classifier_pb2_grpc.ClassifierStub(channel)
@@ -33,4 +34,4 @@ def test_calls_side_by_side_get_the_answers_of_calls_one_at_a_time(tiny_bundle: 
     finally:
         service.stop(grace=1)
     assert side_by_side == one_at_a_time
-    assert len({tuple(a) for a in one_at_a_time}) > 1  # the photos get different answers
+    assert len({a[0][0] for a in one_at_a_time}) > 1  # the photos get different best labels

@@ -1,19 +1,19 @@
 """Three versions, each stated once, reported by the running service.
 
-The package version lives in pyproject.toml, the API version is the proto package in
-classifier.proto, and the bundle format version is ``BUNDLE_FORMAT_VERSION`` in bundle.py.
+The service version is the smartbin-edge distribution's, in edge_service/pyproject.toml; the API
+version is the proto package in classifier.proto, and the bundle format version is
+``BUNDLE_FORMAT_VERSION`` in proto/smartbin/bundle.py.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import grpc
-from helpers import scrape
+from helpers import ROOT, scrape
 
 from edge_service.server import RunningService
-from smartbin.bundle import load_bundle
+from smartbin.bundle import BUNDLE_FORMAT_VERSION, Bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 try:
@@ -21,12 +21,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pytest and mypy bring tomli
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+EDGE_PYPROJECT = ROOT / "edge_service" / "pyproject.toml"
 PROTO = ROOT / "proto" / "smartbin" / "v1" / "classifier.proto"
 
 
 def pyproject_version() -> str:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return tomllib.loads(EDGE_PYPROJECT.read_text())["project"]["version"]
 
 
 def proto_package() -> str:
@@ -35,13 +35,16 @@ def proto_package() -> str:
     return match.group(1)
 
 
-def test_model_info_reports_the_three_versions(channel: grpc.Channel, tiny_bundle: Path) -> None:
+def test_model_info_reports_the_three_versions(
+    channel: grpc.Channel, default_loaded: Bundle
+) -> None:
     info = classifier_pb2_grpc.ClassifierStub(channel).GetModelInfo(
         classifier_pb2.GetModelInfoRequest(), timeout=5
     )
     assert info.service_version == pyproject_version()
     assert info.api_version == proto_package()
-    assert info.bundle_format_version == load_bundle(tiny_bundle).manifest["format_version"]
+    assert info.bundle_format_version == default_loaded.manifest.format_version
+    assert info.bundle_format_version == BUNDLE_FORMAT_VERSION
 
 
 def test_build_info_metric_reports_the_three_versions(service: RunningService) -> None:
@@ -50,8 +53,7 @@ def test_build_info_metric_reports_the_three_versions(service: RunningService) -
     )
     assert f'version="{pyproject_version()}"' in line
     assert f'api_version="{proto_package()}"' in line
-    bundle_format = service.servicer.classifier.bundle.manifest["format_version"]
-    assert f'bundle_format="{bundle_format}"' in line
+    assert f'bundle_format="{BUNDLE_FORMAT_VERSION}"' in line
 
 
 def test_versions_are_not_restated_in_code() -> None:
@@ -59,7 +61,7 @@ def test_versions_are_not_restated_in_code() -> None:
     literals = [f'"{pyproject_version()}"', f'"{proto_package()}"']
     offenders = [
         f"{path.relative_to(ROOT)}: {literal}"
-        for folder in ("edge_service", "trainer", "converter")
+        for folder in ("edge_service", "proto", "trainer", "converter", "tools")
         for path in (ROOT / folder).rglob("*.py")
         for literal in literals
         if literal in path.read_text()

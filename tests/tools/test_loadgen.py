@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import PHOTOS
 
+from edge_service.const import DEFAULT_BUNDLE_DIR
 from smartbin_tools.loadgen import NotLoopbackError, main, require_loopback
 
 
@@ -42,11 +44,11 @@ def test_the_run_is_bounded(args: list[str]) -> None:
 
 
 def test_a_short_run_reports_rate_latency_errors_and_memory(
-    tiny_bundle: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    images = tiny_data / sorted(p.name for p in tiny_data.iterdir() if p.is_dir())[0]
     out = tmp_path / "load.json"
-    argv = ["--bundle", str(tiny_bundle), "--images", str(images), "--concurrency", "4"]
+    argv = ["--bundle", str(DEFAULT_BUNDLE_DIR), "--images", str(PHOTOS / "glass")]
+    argv += ["--concurrency", "4"]
     argv += ["--duration", "2", "--report-every", "1", "--json", str(out)]
     with pytest.raises(SystemExit) as done:
         main(argv)

@@ -18,13 +18,10 @@ import logging
 import math
 import os
 import platform
-import socket
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,6 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
@@ -40,8 +36,9 @@ from smartbin.bundle import Bundle, BundleError, load_bundle
 from smartbin.model import Interpreter
 from smartbin.preprocessing import decode_image, resize_and_crop
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
-
-logger = logging.getLogger(__name__)
+from smartbin_tools.load import ClassifyLoad
+from smartbin_tools.service import serve_args, spawn_service
+from smartbin_tools.stats import stats_ms
 
 # The photo sizes timed: a TrashNet-sized frame (also the one Classify is sent) and a
 # full-HD camera frame.
@@ -52,7 +49,6 @@ JPEG_QUALITY = 90
 # Invokes per block when the int8 and float32 models take turns: a short block keeps both
 # models under the same load when the machine is busy with something else.
 BLOCK = 5
-SERVING_TIMEOUT_SECONDS = 60.0
 # The concurrency whose calls/s is set against the ideal.
 THROUGHPUT_LEVEL = "4"
 
@@ -80,19 +76,6 @@ def cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def stats_ms(seconds: list[float]) -> dict[str, float]:
-    """p50/p95/p99 and mean in milliseconds, and the sample count."""
-    values = np.asarray(seconds, dtype=np.float64) * 1000
-    p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {
-        "p50_ms": float(p50),
-        "p95_ms": float(p95),
-        "p99_ms": float(p99),
-        "mean_ms": float(values.mean()),
-        "count": len(seconds),
-    }
 
 
 def machine() -> dict[str, Any]:
@@ -299,65 +282,6 @@ def cpu_seconds(process: psutil.Process) -> float:
 # --- the service ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_serving(target: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    """Poll grpc health until SERVING.
-
-    Raises:
-        RuntimeError: the process exited or did not report SERVING in time.
-    """
-    # Short reconnect backoff: the default waits up to a second between tries.
-    options = [
-        ("grpc.initial_reconnect_backoff_ms", 5),
-        ("grpc.min_reconnect_backoff_ms", 5),
-        ("grpc.max_reconnect_backoff_ms", 20),
-    ]
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target, options=options) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"smartbin-serve exited with code {process.returncode}")
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.25)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.005)
-    raise RuntimeError(f"smartbin-serve did not report SERVING within {timeout:.0f} s")
-
-
-@contextmanager
-def serving(bundle: Path, config: Path | None) -> Iterator[tuple[str, psutil.Process, float]]:
-    """Start ``smartbin-serve`` on a free loopback port; yield its target, process and the
-    seconds from start to SERVING; stop it with SIGTERM."""
-    port = free_port()
-    command = [sys.executable, "-m", "edge_service.server", "--bundle", str(bundle)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
-    command += ["--log-level", "WARNING"]
-    if config is not None:
-        command += ["--config", str(config)]
-    started = time.perf_counter()
-    process = subprocess.Popen(command)
-    try:
-        target = f"127.0.0.1:{port}"
-        wait_until_serving(target, process, SERVING_TIMEOUT_SECONDS)
-        yield target, psutil.Process(process.pid), time.perf_counter() - started
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def bench_classify(
     stub: classifier_pb2_grpc.ClassifierStub,
     server: psutil.Process,
@@ -370,46 +294,23 @@ def bench_classify(
     Besides latency and calls/s, the CPU time each call cost the server and this client:
     unlike wall time, it barely moves when other work shares the machine.
     """
-    request = classifier_pb2.ClassifyRequest(image=jpeg)
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[str] = []
-    ready = threading.Barrier(concurrency + 1)
-    stop = threading.Event()
-
-    def worker(times: list[float]) -> None:
-        ready.wait()
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                stub.Classify(request, timeout=30)
-            except grpc.RpcError as err:
-                errors.append(err.code().name)
-                continue
-            times.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in latencies]
-    for thread in threads:
-        thread.start()
+    load = ClassifyLoad(stub, [classifier_pb2.ClassifyRequest(image=jpeg)], concurrency)
     client = psutil.Process()
-    ready.wait()
-    started = time.perf_counter()
+    load.start(seconds)
     server_cpu, client_cpu = cpu_seconds(server), cpu_seconds(client)
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed = load.join()
     server_cpu = cpu_seconds(server) - server_cpu
     client_cpu = cpu_seconds(client) - client_cpu
-    merged = [t for times in latencies for t in times]
-    if not merged:
+    ok = [call.seconds for call in load.calls if call.code == "OK"]
+    if not ok:
+        errors = dict(Counter(call.code for call in load.calls))
         raise RuntimeError(f"no Classify call succeeded at concurrency {concurrency}: {errors}")
     return {
-        **stats_ms(merged),
-        "calls_per_second": len(merged) / elapsed,
-        "errors": len(errors),
-        "server_cpu_ms_per_call": server_cpu * 1000 / len(merged),
-        "client_cpu_ms_per_call": client_cpu * 1000 / len(merged),
+        **stats_ms(ok),
+        "calls_per_second": len(ok) / elapsed,
+        "errors": len(load.calls) - len(ok),
+        "server_cpu_ms_per_call": server_cpu * 1000 / len(ok),
+        "client_cpu_ms_per_call": client_cpu * 1000 / len(ok),
     }
 
 
@@ -417,9 +318,10 @@ def bench_service(args: argparse.Namespace, bare: BarePipeline, jpeg: bytes) -> 
     """Start to SERVING, resident memory, Classify beside the bare pipeline, and Classify at
     each concurrency level."""
     with (
-        serving(args.bundle, args.config) as (target, process, start_seconds),
-        grpc.insecure_channel(target) as channel,
+        spawn_service(serve_args(args.bundle, args.config)) as service,
+        grpc.insecure_channel(service.target) as channel,
     ):
+        process = service.psutil_process
         stub = classifier_pb2_grpc.ClassifierStub(channel)
         for _ in range(3):  # the first calls set up the connection and the model's caches
             stub.Classify(classifier_pb2.ClassifyRequest(image=jpeg), timeout=30)
@@ -431,7 +333,7 @@ def bench_service(args: argparse.Namespace, bare: BarePipeline, jpeg: bytes) -> 
         }
         rss_after = process.memory_info().rss
     return {
-        "start_to_serving_seconds": start_seconds,
+        "start_to_serving_seconds": service.start_seconds,
         "rss_loaded_mb": rss_loaded / 2**20,
         "rss_after_load_mb": rss_after / 2**20,
         "bare_pipeline": pairs["bare"],

@@ -9,6 +9,7 @@ that is not loopback: it is a measuring tool, not a way to load someone else's b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import ipaddress
 import json
@@ -20,18 +21,19 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import numpy as np
+import psutil
 from PIL import Image
 
 from edge_service.client import add_tls_arguments, open_channel
 from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
-from smartbin_tools.service import ServiceProcess, spawn_service
-
-logger = logging.getLogger(__name__)
+from smartbin_tools.load import Call, ClassifyLoad
+from smartbin_tools.service import ServiceProcess, serve_args, spawn_service
+from smartbin_tools.stats import percentiles_ms
 
 MAX_DURATION_SECONDS = 3600.0
 MAX_CONCURRENCY = 256
@@ -79,32 +81,23 @@ def load_images(folder: Path | None) -> list[bytes]:
 
 
 class RssSampler:
-    """Samples a process's resident memory once a second (needs psutil; else reports none)."""
+    """Samples a process's resident memory every ``every`` seconds (none without a pid)."""
 
     def __init__(self, pid: int | None, every: float = 1.0) -> None:
-        self.samples: list[tuple[float, int]] = []
-        self._process: Any = None
+        self.samples: list[int] = []
+        self._process = psutil.Process(pid) if pid is not None else None
         self._every = every
         self._stop = threading.Event()
-        if pid is None:
-            return
-        try:
-            import psutil
-        except ImportError:
-            logger.warning("psutil is not installed: no memory figures")
-            return
-        self._process = psutil.Process(pid)
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
 
-    def sample(self) -> int | None:
-        if self._process is None:
-            return None
-        try:
-            rss = int(self._process.memory_info().rss)
-        except Exception:  # the process ended: keep what was measured
-            return None
-        self.samples.append((time.monotonic(), rss))
-        return rss
+    def latest(self) -> int | None:
+        return self.samples[-1] if self.samples else None
+
+    def sample(self) -> None:
+        # When the process has ended, keep what was measured.
+        with contextlib.suppress(psutil.Error):
+            if self._process is not None:
+                self.samples.append(int(self._process.memory_info().rss))
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -117,22 +110,7 @@ class RssSampler:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._process is not None:
-            self.sample()
-
-
-@dataclass
-class Call:
-    ended: float
-    seconds: float
-    code: str
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
-    p50, p95, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 95, 99])
-    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+        self.sample()
 
 
 def summarise(calls: list[Call], seconds: float) -> dict[str, Any]:
@@ -160,105 +138,71 @@ class LoadSettings:
 
 
 class LoadRun:
-    """Threads calling Classify in a loop until the time is up."""
+    """A Classify load on ``channel`` with a line per interval and the server's memory."""
 
     def __init__(
         self, settings: LoadSettings, channel: grpc.Channel, images: list[bytes], pid: int | None
     ) -> None:
         self.settings = settings
-        self.stub = classifier_pb2_grpc.ClassifierStub(channel)
-        self.requests = [
+        requests = [
             classifier_pb2.ClassifyRequest(image=image, top_k=settings.top_k) for image in images
         ]
+        stub = classifier_pb2_grpc.ClassifierStub(channel)
+        self.load = ClassifyLoad(stub, requests, settings.concurrency, settings.timeout)
         self.rss = RssSampler(pid)
-        self.calls: list[Call] = []
         self.intervals: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
 
-    def _worker(self, index: int) -> None:
-        n = index
-        while not self._stop.is_set():
-            request = self.requests[n % len(self.requests)]
-            n += 1
-            started = time.monotonic()
-            try:
-                self.stub.Classify(request, timeout=self.settings.timeout)
-                code = "OK"
-            except grpc.RpcError as err:
-                code = err.code().name if err.code() else "UNKNOWN"
-            ended = time.monotonic()
-            with self._lock:
-                self.calls.append(Call(ended, ended - started, code))
-
-    def run(self, out: Any = sys.stdout) -> dict[str, Any]:
+    def run(self, out: TextIO = sys.stdout) -> dict[str, Any]:
         """Run the load, print a line per interval and return the summary."""
         s = self.settings
         self.rss.start()
-        rss_before = self.rss.samples[-1][1] if self.rss.samples else None
-        start = time.monotonic()
-        threads = [
-            threading.Thread(target=self._worker, args=(i,), name=f"load-{i}", daemon=True)
-            for i in range(s.concurrency)
-        ]
-        for thread in threads:
-            thread.start()
+        rss_before = self.rss.latest()
         print(
             f"{'t s':>6} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
             f"{'errors':>6} {'RSS MB':>7}",
             file=out,
             flush=True,
         )
+        start = self.load.start(s.duration)
         seen = 0
-        end = start + s.duration
         try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= end:
-                    break
-                self._stop.wait(min(s.report_every, end - now))
+            while (left := self.load.deadline - time.perf_counter()) > 0:
+                time.sleep(min(s.report_every, left))
                 seen = self._report_interval(start, seen, out)
         except KeyboardInterrupt:
             print("interrupted: stopping", file=out)
         finally:
-            self._stop.set()
-            for thread in threads:
-                thread.join(s.timeout + 5)
-        elapsed = time.monotonic() - start
+            self.load.stop()
+            elapsed = self.load.join(s.timeout + 5)
         self.rss.stop()
         return self._summary(elapsed, rss_before)
 
-    def _report_interval(self, start: float, seen: int, out: Any) -> int:
-        now = time.monotonic()
-        with self._lock:
-            fresh = self.calls[seen:]
-            seen = len(self.calls)
+    def _report_interval(self, start: float, seen: int, out: TextIO) -> int:
+        """Print the calls that ended since the last line; the calls seen so far."""
+        now = time.perf_counter()
+        fresh = self.load.calls_since(seen)
         previous_end = self.intervals[-1]["t"] if self.intervals else 0.0
-        span = max(now - start - previous_end, 1e-9)
-        row = summarise(fresh, span)
-        rss = self.rss.samples[-1][1] if self.rss.samples else None
-        interval = {"t": now - start, **row, "rss_bytes": rss}
-        self.intervals.append(interval)
+        row = summarise(fresh, max(now - start - previous_end, 1e-9))
+        rss = self.rss.latest()
+        self.intervals.append({"t": now - start, **row, "rss_bytes": rss})
         rss_text = f"{rss / 2**20:7.1f}" if rss else "    n/a"
         print(
-            f"{interval['t']:6.0f} {row['calls_per_second']:8.1f} {row['p50_ms']:7.1f} "
+            f"{now - start:6.0f} {row['calls_per_second']:8.1f} {row['p50_ms']:7.1f} "
             f"{row['p95_ms']:7.1f} {row['p99_ms']:7.1f} {row['errors']:6d} {rss_text}",
             file=out,
             flush=True,
         )
-        return seen
+        return seen + len(fresh)
 
     def _summary(self, elapsed: float, rss_before: int | None) -> dict[str, Any]:
-        summary = summarise(self.calls, elapsed)
-        rss = [value for _, value in self.rss.samples]
-        first_interval_rss = self.intervals[0]["rss_bytes"] if self.intervals else None
+        rss = self.rss.samples
         return {
             "settings": asdict(self.settings),
             "seconds": elapsed,
-            **summary,
+            **summarise(self.load.calls, elapsed),
             "rss_bytes": {
                 "before": rss_before,
-                "after_first_interval": first_interval_rss,
+                "after_first_interval": self.intervals[0]["rss_bytes"] if self.intervals else None,
                 "end": rss[-1] if rss else None,
                 "max": max(rss) if rss else None,
             },
@@ -290,10 +234,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def find_listening_pid(port: int) -> int | None:
     """The pid of the process listening on ``port`` on this machine, if psutil can tell."""
-    try:
-        import psutil
-    except ImportError:
-        return None
     try:
         connections = psutil.net_connections("tcp")
     except (psutil.AccessDenied, OSError):
@@ -343,11 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         target = args.target
         pid = args.pid or find_listening_pid(int(target.rpartition(":")[2]))
     else:
-        serve_args = ["--bundle", str(args.bundle)]
-        if args.config:
-            serve_args += ["--config", str(args.config)]
         try:
-            service = spawn_service(serve_args)
+            service = spawn_service(serve_args(args.bundle, args.config))
         except RuntimeError as err:
             sys.exit(f"smartbin-load: {err}")
         target, pid = service.target, service.process.pid

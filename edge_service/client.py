@@ -8,51 +8,8 @@ from pathlib import Path
 
 import grpc
 
-from edge_service.tls import channel_credentials
+from smartbin.channel import add_tls_arguments, channel_from_args
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
-
-
-def open_channel(
-    target: str,
-    ca: Path | None = None,
-    cert: Path | None = None,
-    key: Path | None = None,
-    server_name: str | None = None,
-) -> grpc.Channel:
-    """A plaintext channel, or a TLS one when any of ``ca``, ``cert``, ``key`` is given.
-
-    Args:
-        target: service address, host:port.
-        ca: PEM CA bundle that signed the service's certificate (system roots when None).
-        cert: PEM client certificate, for a service that requires mutual TLS.
-        key: PEM private key of ``cert``.
-        server_name: name to check the service's certificate against, when it differs from
-            the host in ``target``.
-
-    Raises:
-        ValueError: a certificate file is unreadable, or only one of cert and key was given.
-    """
-    if ca is None and cert is None and key is None:
-        return grpc.insecure_channel(target)
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(target, channel_credentials(ca, cert, key), options=options)
-
-
-def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --ca/--cert/--key/--server-name flags every smartbin client takes."""
-    tls = parser.add_argument_group("TLS (plaintext unless one of --ca, --cert, --key is given)")
-    tls.add_argument("--ca", type=Path, help="PEM CA bundle that signed the service certificate")
-    tls.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
-    tls.add_argument("--key", type=Path, help="PEM private key of --cert")
-    tls.add_argument("--server-name", help="name on the service certificate, if not the host")
-
-
-def channel_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> grpc.Channel:
-    """The channel that ``--target`` and the TLS flags describe; a bad flag is a usage error."""
-    try:
-        return open_channel(args.target, args.ca, args.cert, args.key, args.server_name)
-    except ValueError as err:
-        parser.error(str(err))
 
 
 def classify_file(

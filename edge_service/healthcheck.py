@@ -12,8 +12,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge_service.client import add_tls_arguments, channel_from_args
 from edge_service.const import DEFAULT_GRPC_PORT
+from smartbin.channel import add_tls_arguments, channel_from_args
 
 
 def check(

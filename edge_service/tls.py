@@ -1,31 +1,17 @@
-"""TLS and mutual TLS credentials for the gRPC port and its clients, from PEM files."""
+"""TLS and mutual TLS credentials for the service's gRPC port, from PEM files (the clients'
+side is the contract's: smartbin.channel)."""
 
 from __future__ import annotations
 
 import logging
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 
 from edge_service.config import TLSConfig
+from smartbin.channel import read_pem
 
 logger = logging.getLogger(__name__)
-
-
-def read_pem(path: Path, what: str) -> bytes:
-    """Read one PEM file, with an error that names the setting it came from.
-
-    Raises:
-        ValueError: the file cannot be read or holds no PEM block.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ValueError(f"cannot read {what} {path}: {err.strerror or err}") from err
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} {path} is not a PEM file (no -----BEGIN line)")
-    return data
 
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
@@ -61,21 +47,3 @@ def _credentials_bind(credentials: grpc.ServerCredentials) -> bool:
         return False
     finally:
         probe.stop(None)
-
-
-def channel_credentials(
-    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
-) -> grpc.ChannelCredentials:
-    """Credentials for a client: ``ca`` checks the server (system roots when None); ``cert`` and
-    ``key`` identify the client to a mutual-TLS service.
-
-    Raises:
-        ValueError: only one of cert and key was given, or a file is unreadable.
-    """
-    if (cert is None) != (key is None):
-        raise ValueError("give both a client certificate and its key, or neither")
-    return grpc.ssl_channel_credentials(
-        root_certificates=read_pem(ca, "CA bundle") if ca else None,
-        private_key=read_pem(key, "client key") if key else None,
-        certificate_chain=read_pem(cert, "client certificate") if cert else None,
-    )

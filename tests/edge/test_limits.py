@@ -27,9 +27,9 @@ def photo(size: tuple[int, int] = (160, 120)) -> bytes:
 
 
 @pytest.fixture
-def limited(tiny_bundle: Path, request: pytest.FixtureRequest) -> Iterator[RunningService]:
+def limited(default_bundle: Path, request: pytest.FixtureRequest) -> Iterator[RunningService]:
     """A service with the config overrides the test names in ``@pytest.mark.parametrize``."""
-    running = create_server(local_config(tiny_bundle, **request.param))
+    running = create_server(local_config(default_bundle, **request.param))
     yield running
     running.stop(grace=0)
 
@@ -122,8 +122,8 @@ def test_health_watchers_beyond_their_limit_are_refused_and_calls_go_on(
         wait_for(lambda: opens_a_watch(health))
 
 
-def test_a_stop_ends_health_watches_after_not_serving(tiny_bundle: Path) -> None:
-    running = create_server(local_config(tiny_bundle, grace_seconds=60))
+def test_a_stop_ends_health_watches_after_not_serving(default_bundle: Path) -> None:
+    running = create_server(local_config(default_bundle, grace_seconds=60))
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING

@@ -15,11 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import local_config
+from helpers import PHOTOS, local_config
 
 from edge_service import client, healthcheck
 from edge_service.config import TLSConfig
 from edge_service.server import RunningService, create_server
+from smartbin.channel import open_channel
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 
@@ -108,21 +109,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
+def a_photo() -> Path:
+    return sorted(PHOTOS.rglob("*.jpg"))[0]
+
+
 def serve(bundle: Path, tls: TLSConfig) -> RunningService:
     return create_server(local_config(bundle, tls=tls))
 
 
 @pytest.fixture(scope="module")
-def tls_service(tiny_bundle: Path, pki: Pki) -> Iterator[RunningService]:
-    running = serve(tiny_bundle, TLSConfig(cert=pki.server.cert, key=pki.server.key))
+def tls_service(default_bundle: Path, pki: Pki) -> Iterator[RunningService]:
+    running = serve(default_bundle, TLSConfig(cert=pki.server.cert, key=pki.server.key))
     yield running
     running.stop(grace=0)
 
 
 @pytest.fixture(scope="module")
-def mtls_service(tiny_bundle: Path, pki: Pki) -> Iterator[RunningService]:
+def mtls_service(default_bundle: Path, pki: Pki) -> Iterator[RunningService]:
     tls = TLSConfig(cert=pki.server.cert, key=pki.server.key, client_ca=pki.ca.cert_path)
-    running = serve(tiny_bundle, tls)
+    running = serve(default_bundle, tls)
     yield running
     running.stop(grace=0)
 
@@ -140,7 +145,7 @@ def refusal(channel: grpc.Channel) -> grpc.RpcError:
 
 
 def test_tls_client_that_trusts_the_ca_is_served(tls_service: RunningService, pki: Pki) -> None:
-    with client.open_channel(f"localhost:{tls_service.port}", ca=pki.ca.cert_path) as channel:
+    with open_channel(f"localhost:{tls_service.port}", ca=pki.ca.cert_path) as channel:
         assert health_of(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -150,21 +155,21 @@ def test_plaintext_client_cannot_talk_to_a_tls_port(tls_service: RunningService)
 
 
 def test_client_refuses_a_server_its_ca_did_not_sign(tls_service: RunningService, pki: Pki) -> None:
-    channel = client.open_channel(f"localhost:{tls_service.port}", ca=pki.rogue_ca.cert_path)
+    channel = open_channel(f"localhost:{tls_service.port}", ca=pki.rogue_ca.cert_path)
     assert refusal(channel).code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_serves_a_client_with_a_certificate_from_its_ca(
-    mtls_service: RunningService, pki: Pki, tiny_data: Path
+    mtls_service: RunningService, pki: Pki
 ) -> None:
-    channel = client.open_channel(
+    channel = open_channel(
         f"127.0.0.1:{mtls_service.port}",
         ca=pki.ca.cert_path,
         cert=pki.client.cert,
         key=pki.client.key,
     )
     with channel:
-        image = sorted(tiny_data.rglob("*.jpg"))[0].read_bytes()
+        image = a_photo().read_bytes()
         reply = classifier_pb2_grpc.ClassifierStub(channel).Classify(
             classifier_pb2.ClassifyRequest(image=image), timeout=10
         )
@@ -177,9 +182,9 @@ def test_mtls_refuses_a_client_without_a_valid_certificate(
 ) -> None:
     target = f"localhost:{mtls_service.port}"
     if who == "no certificate":
-        channel = client.open_channel(target, ca=pki.ca.cert_path)
+        channel = open_channel(target, ca=pki.ca.cert_path)
     else:
-        channel = client.open_channel(
+        channel = open_channel(
             target, ca=pki.ca.cert_path, cert=pki.rogue_client.cert, key=pki.rogue_client.key
         )
     assert refusal(channel).code() == grpc.StatusCode.UNAVAILABLE
@@ -188,10 +193,9 @@ def test_mtls_refuses_a_client_without_a_valid_certificate(
 def test_smartbin_classify_speaks_mtls(
     mtls_service: RunningService,
     pki: Pki,
-    tiny_data: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    photo = sorted(tiny_data.rglob("*.jpg"))[0]
+    photo = a_photo()
     tls_flags = ["--ca", str(pki.ca.cert_path), "--cert", str(pki.client.cert)]
     tls_flags += ["--key", str(pki.client.key)]
     with pytest.raises(SystemExit) as done:
@@ -223,10 +227,10 @@ def test_smartbin_classify_needs_both_cert_and_key(pki: Pki) -> None:
     ids=["missing-file", "key-of-another-certificate", "key-as-certificate"],
 )
 def test_unusable_certificates_stop_start_with_a_clear_error(
-    tiny_bundle: Path, pki: Pki, tmp_path: Path, broken, fragment: str
+    default_bundle: Path, pki: Pki, tmp_path: Path, broken, fragment: str
 ) -> None:
     with pytest.raises(ValueError, match=fragment):
-        serve(tiny_bundle, broken(pki, tmp_path))
+        serve(default_bundle, broken(pki, tmp_path))
 
 
 def test_healthcheck_speaks_mtls(

@@ -32,7 +32,7 @@ class Stub:
         self.sent: list[tuple[str, bytes, float, float]] = []
         self.lock = threading.Lock()
 
-    def Classify(  # noqa: N802 (the gRPC method's name)
+    def Classify(
         self, request: classifier_pb2.ClassifyRequest, timeout: float
     ) -> classifier_pb2.ClassifyResponse:
         with self.lock:
@@ -68,7 +68,8 @@ def test_no_call_starts_after_the_stop_time() -> None:
     started = load.start(0.25)
     elapsed = load.join(5)
     assert load.deadline == pytest.approx(started + 0.25)
-    assert max(sent for *_, sent in stub.sent) < load.deadline
+    # A thread checks the time just before it calls; the stub notes it just after.
+    assert max(sent for *_, sent in stub.sent) < load.deadline + 0.05
     assert 0.25 <= elapsed < 0.25 + 1.0
     assert len(load.calls) == len(stub.sent) > 3
 

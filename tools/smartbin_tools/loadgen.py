@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from edge_service.client import add_tls_arguments, open_channel
+from smartbin.channel import add_tls_arguments, open_channel
 from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.load import Call, ClassifyLoad

@@ -19,8 +19,9 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import metric, scrape, slow_png, wait_for
+from helpers import PHOTOS, copy_bundle, metric, scrape, slow_png, wait_for
 
+from smartbin.bundle import Bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.service import spawn_service
 
@@ -56,11 +57,11 @@ def files_under(folder: Path) -> dict[str, float]:
     return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
 
 
-def test_sigterm_drains_calls_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_sigterm_drains_calls_in_flight_and_exits_0(default_bundle: Path, tmp_path: Path) -> None:
     workdir = tmp_path / "cwd"
     workdir.mkdir()
-    bundle_files = files_under(tiny_bundle)
-    config = write_config(tmp_path, tiny_bundle, grace_seconds=GRACE_SECONDS)
+    bundle_files = files_under(default_bundle)
+    config = write_config(tmp_path, default_bundle, grace_seconds=GRACE_SECONDS)
     server = spawn_service(["--config", str(config)], cwd=workdir)
     image = slow_png()
     try:
@@ -113,11 +114,13 @@ def test_sigterm_drains_calls_in_flight_and_exits_0(tiny_bundle: Path, tmp_path:
     assert "draining calls in flight" in log and "stopped" in log
     # It wrote nothing: not where it was started, not in its bundle.
     assert not any(workdir.iterdir())
-    assert files_under(tiny_bundle) == bundle_files
+    assert files_under(default_bundle) == bundle_files
 
 
-def test_sigterm_with_nothing_in_flight_exits_0_at_once(tiny_bundle: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, tiny_bundle, grace_seconds=GRACE_SECONDS)
+def test_sigterm_with_nothing_in_flight_exits_0_at_once(
+    default_bundle: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, default_bundle, grace_seconds=GRACE_SECONDS)
     server = spawn_service(["--config", str(config)], cwd=tmp_path)
     signalled = time.monotonic()
     assert server.stop() == 0
@@ -133,9 +136,9 @@ def listening_socket() -> socket.socket:
 
 @pytest.mark.parametrize("flag, what", [("--metrics-port", "metrics"), ("--port", "gRPC")])
 def test_a_taken_port_stops_start_with_a_clear_error(
-    tiny_bundle: Path, tmp_path: Path, flag: str, what: str
+    default_bundle: Path, tmp_path: Path, flag: str, what: str
 ) -> None:
-    config = write_config(tmp_path, tiny_bundle, port=0, metrics_port=0)
+    config = write_config(tmp_path, default_bundle, port=0, metrics_port=0)
     with listening_socket() as taken:
         port = taken.getsockname()[1]
         result = run_serve(["--config", str(config), flag, str(port)], tmp_path)
@@ -178,9 +181,9 @@ def empty_folder(bundle: Path) -> None:
     ids=["truncated-model", "truncated-manifest", "half-model-rehashed", "empty-folder"],
 )
 def test_a_damaged_bundle_is_refused_at_start(
-    tiny_bundle: Path, tmp_path: Path, damage: Callable[[Path], None], fragment: str
+    default_bundle: Path, tmp_path: Path, damage: Callable[[Path], None], fragment: str
 ) -> None:
-    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    bundle = Path(shutil.copytree(default_bundle, tmp_path / "bundle"))
     damage(bundle)
     config = write_config(tmp_path, bundle, port=0, metrics_port=0)
     result = run_serve(["--config", str(config)], tmp_path)
@@ -239,23 +242,23 @@ class Events:
         self.ended.set()
 
 
-def photo_of(data: Path) -> bytes:
-    return sorted(data.rglob("*.jpg"))[0].read_bytes()
+def a_photo() -> bytes:
+    return sorted(PHOTOS.rglob("*.jpg"))[0].read_bytes()
 
 
 def test_camera_unplugged_and_replugged_under_load_loses_no_event(
-    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+    default_bundle: Path, tmp_path: Path
 ) -> None:
     camera = tmp_path / "camera"
     camera.mkdir()
-    for i, path in enumerate(sorted(tiny_data.rglob("*.jpg"))[:3]):
+    for i, path in enumerate(sorted(PHOTOS.rglob("*.jpg"))[:3]):
         shutil.copy(path, camera / f"{i:02d}.jpg")
     data, workdir = tmp_path / "data", tmp_path / "cwd"
     workdir.mkdir()
-    untouched = {folder: files_under(folder) for folder in (tiny_bundle, camera)}
+    untouched = {folder: files_under(folder) for folder in (default_bundle, camera)}
     config = write_config(
         tmp_path,
-        tiny_bundle,
+        default_bundle,
         grace_seconds=GRACE_SECONDS,
         confidence_threshold=1.0,  # every answer unsure: the service keeps every photo it may
         unsure_images={"folder": str(data), "max_files": 20},
@@ -278,7 +281,7 @@ def test_camera_unplugged_and_replugged_under_load_loses_no_event(
 
     try:
         events = Events(stub)
-        load = Load(channel, photo_of(tiny_data))
+        load = Load(channel, a_photo())
         wait_for(lambda: camera_health() == health_pb2.HealthCheckResponse.SERVING, timeout=20)
         before = stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
 
@@ -320,14 +323,14 @@ def half_copied(source: Path, target: Path, damage: Callable[[Path], None]) -> P
 
 
 def test_damaged_bundles_offered_for_reload_are_refused_under_load(
-    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+    default_bundle: Path, default_loaded: Bundle, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, tiny_bundle, reload_dirs=[str(tmp_path)])
+    config = write_config(tmp_path, default_bundle, reload_dirs=[str(tmp_path)])
     server = spawn_service(["--config", str(config)], cwd=tmp_path)
     channel = grpc.insecure_channel(server.target)
     stub = classifier_pb2_grpc.ClassifierStub(channel)
     try:
-        load = Load(channel, photo_of(tiny_data))
+        load = Load(channel, a_photo())
         offers = [
             (truncate_model, "the bundle is corrupt or incomplete"),
             (truncate_manifest, "is not valid JSON"),
@@ -335,18 +338,16 @@ def test_damaged_bundles_offered_for_reload_are_refused_under_load(
             (empty_folder, "not found: is"),
         ]
         for n, (damage, reason) in enumerate(offers):
-            offered = half_copied(tiny_bundle, tmp_path / f"offer-{n}", damage)
+            offered = half_copied(default_bundle, tmp_path / f"offer-{n}", damage)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ReloadModel(
                     classifier_pb2.ReloadModelRequest(bundle_path=str(offered)), timeout=60
                 )
             assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert reason in caught.value.details()
-            assert "model tiny-test keeps serving" in caught.value.details()
+            assert f"model {default_loaded.version} keeps serving" in caught.value.details()
         # The copy completes: the same offer now goes through.
-        complete = Path(shutil.copytree(tiny_bundle, tmp_path / "complete"))
-        manifest = json.loads((complete / "manifest.json").read_text())
-        (complete / "manifest.json").write_text(json.dumps({**manifest, "version": "v2"}))
+        complete = copy_bundle(default_bundle, tmp_path / "complete", version="v2")
         reply = stub.ReloadModel(
             classifier_pb2.ReloadModelRequest(bundle_path=str(complete)), timeout=60
         )
@@ -359,6 +360,6 @@ def test_damaged_bundles_offered_for_reload_are_refused_under_load(
         channel.close()
         server.stop()
     assert codes and set(codes) == {grpc.StatusCode.OK}, f"{len(codes)} calls: {set(codes)}"
-    assert load.versions == {"tiny-test", "v2"}
+    assert load.versions == {default_loaded.version, "v2"}
     assert f'smartbin_model_reloads_total{{outcome="failed"}} {float(len(offers))}' in metrics
     assert 'smartbin_model_reloads_total{outcome="success"} 1.0' in metrics

@@ -24,12 +24,13 @@ import numpy as np
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import PHOTOS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from edge_service.config import ServiceConfig
-from smartbin.bundle import load_bundle
+from smartbin.bundle import Bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.service import ServiceProcess, spawn_service
 
@@ -105,8 +106,8 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def photo_jpeg(tiny_data: Path) -> bytes:
-    return sorted(tiny_data.rglob("*.jpg"))[0].read_bytes()
+def photo_jpeg() -> bytes:
+    return sorted(PHOTOS.rglob("*.jpg"))[0].read_bytes()
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -124,13 +125,13 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(tiny_bundle: Path, tiny_data: Path) -> Iterator[Fuzzed]:
-    server = spawn_service(["--bundle", str(tiny_bundle), "--num-threads", "1"])
+def fuzzed(default_bundle: Path, default_loaded: Bundle) -> Iterator[Fuzzed]:
+    server = spawn_service(["--bundle", str(default_bundle), "--num-threads", "1"])
     channel = grpc.insecure_channel(server.target)
-    target = Fuzzed(server, channel, len(load_bundle(tiny_bundle).labels))
+    target = Fuzzed(server, channel, len(default_loaded.labels))
     try:
         # Warm up every path once so the baseline includes the allocator's first growth.
-        good = photo_jpeg(tiny_data)
+        good = photo_jpeg()
         target.reference = target.answer_to(good)
         for warm in (b"", b"junk", good[:500], png_claiming(10**5, 10**5)):
             target.classify(warm)
@@ -188,11 +189,11 @@ def test_random_bytes_are_invalid_argument_with_a_reason(fuzzed: Fuzzed, data: b
 
 
 @pytest.fixture(scope="module")
-def sample_files(tiny_data: Path) -> list[bytes]:
+def sample_files() -> list[bytes]:
     rng = np.random.default_rng(1)
     pixels = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
     return [
-        photo_jpeg(tiny_data),
+        photo_jpeg(),
         encode(pixels, "PNG"),
         encode(pixels.convert("RGBA"), "WEBP"),
         encode(pixels.convert("P"), "GIF"),
@@ -249,10 +250,8 @@ def test_declared_sizes_beyond_the_pixel_limit_are_refused_unread(
 
 @FUZZ
 @given(top_k=st.integers(0, 2**32 - 1))
-def test_any_top_k_gets_a_ranked_answer_or_a_reason(
-    fuzzed: Fuzzed, tiny_data: Path, top_k: int
-) -> None:
-    code, details = fuzzed.classify(photo_jpeg(tiny_data), top_k)
+def test_any_top_k_gets_a_ranked_answer_or_a_reason(fuzzed: Fuzzed, top_k: int) -> None:
+    code, details = fuzzed.classify(photo_jpeg(), top_k)
     if top_k <= fuzzed.labels:
         assert code == grpc.StatusCode.OK, details
     else:
@@ -289,9 +288,7 @@ def test_an_elongated_image_is_classified_in_bounded_memory(fuzzed: Fuzzed) -> N
     assert peak_rss(fuzzed.process.pid) - fuzzed.peak_before < PEAK_LIMIT
 
 
-def test_after_fuzzing_memory_health_and_answers_are_unchanged(
-    fuzzed: Fuzzed, tiny_data: Path
-) -> None:
+def test_after_fuzzing_memory_health_and_answers_are_unchanged(fuzzed: Fuzzed) -> None:
     """Runs last in this file: it judges what the fuzzing above did to the server."""
     time.sleep(0.5)  # let the last calls' buffers go
     rss_after = fuzzed.process.memory_info().rss
@@ -303,5 +300,5 @@ def test_after_fuzzing_memory_health_and_answers_are_unchanged(
         health_pb2.HealthCheckRequest(), timeout=5
     )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert fuzzed.answer_to(photo_jpeg(tiny_data)) == fuzzed.reference
+    assert fuzzed.answer_to(photo_jpeg()) == fuzzed.reference
     assert fuzzed.server.process.poll() is None

@@ -1,5 +1,9 @@
 """Rolling out models without visiting the bin: ReloadModel, the watched bundle folder, and a new
-category served with no code change."""
+category served with no code change.
+
+Every bundle offered here is made from the shipped default: copies with a changed manifest
+(relabelled, re-versioned), damaged copies, and its float32 twin packed as a bundle of its own.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +16,17 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-from helpers import local_config, scrape, train_and_convert, wait_for
-from PIL import Image
+from helpers import DATA, PHOTOS, copy_bundle, local_config, scrape, wait_for
 
+from edge_service.const import SAMPLES_DIR
 from edge_service.server import RunningService, create_server
-from smartbin.bundle import load_bundle
+from smartbin.bundle import Bundle, write_bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 NEW_CATEGORY = "battery"
-
-
-def new_category_images(folder: Path, count: int) -> None:
-    """Photos unlike any other category's: dark blue and noisy, where the others are light."""
-    rng = np.random.default_rng(7)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        pixels = rng.normal((20, 30, 150), 25, (120, 160, 3)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{NEW_CATEGORY}{i}.jpg", quality=90)
-
-
-def copy_bundle(source: Path, target: Path, version: str) -> Path:
-    shutil.copytree(source, target)
-    set_manifest(target, version=version)
-    return target
+# The default model before quantization: a different model file that gives the same labels.
+FLOAT_TWIN = DATA / "default_float32.tflite"
 
 
 def set_manifest(bundle: Path, **fields: object) -> None:
@@ -66,31 +56,63 @@ def classify(
     return stub.Classify(classifier_pb2.ClassifyRequest(image=photo.read_bytes()), timeout=10)
 
 
-def a_photo(data: Path) -> Path:
-    return sorted(data.rglob("*.jpg"))[0]
+def a_photo() -> Path:
+    return sorted(PHOTOS.rglob("*.jpg"))[0]
+
+
+def sample_of(label: str) -> Path:
+    """The shipped sample photo of ``label``: the samples are named after their true category."""
+    (path,) = (p for p in SAMPLES_DIR.glob("*.jpg") if p.stem.rstrip("0123456789") == label)
+    return path
+
+
+@pytest.fixture
+def float_twin(default_loaded: Bundle, tmp_path: Path) -> Bundle:
+    """The default model's float32 twin as a bundle: same labels and preprocessing, other bytes."""
+    return write_bundle(
+        tmp_path / "float32",
+        FLOAT_TWIN.read_bytes(),
+        list(default_loaded.labels),
+        default_loaded.preprocessing,
+        version="float32-twin",
+        quantization="float32",
+        architecture=default_loaded.architecture,
+    )
 
 
 def test_reload_swaps_in_a_checked_bundle(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
-    tiny_bundle: Path,
-    tiny_data: Path,
-    tmp_path: Path,
+    default_loaded: Bundle,
+    float_twin: Bundle,
 ) -> None:
-    new = copy_bundle(tiny_bundle, tmp_path / "v2", version="tiny-test-2")
-    info = stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(new)), timeout=30)
-    assert info.model_version == "tiny-test-2"
-    assert json.loads(info.manifest_json)["version"] == "tiny-test-2"
-    assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test-2"
+    photo = sample_of(default_loaded.labels[0])
+    before = classify(stub, photo)
+    info = stub.ReloadModel(
+        classifier_pb2.ReloadModelRequest(bundle_path=str(float_twin.path)), timeout=30
+    )
+    assert info.model_version == "float32-twin"
+    assert info.model_sha256 == float_twin.sha256 != default_loaded.sha256
+    assert info.quantization == "float32"
+    assert json.loads(info.manifest_json)["version"] == "float32-twin"
+    after = classify(stub, photo)
+    assert after.model_version == "float32-twin"
+    # The twin agrees on the photo, with scores of its own: the new model answered.
+    assert after.predictions[0].label == before.predictions[0].label == default_loaded.labels[0]
+    assert after.predictions[0].score != pytest.approx(before.predictions[0].score, abs=1e-4)
     assert stub.GetModelInfo(classifier_pb2.GetModelInfoRequest(), timeout=5).model_version == (
-        "tiny-test-2"
+        "float32-twin"
     )
     text = scrape(service)
     assert 'smartbin_model_reloads_total{outcome="success"} 1.0' in text
-    assert 'version="tiny-test-2"' in text
+    assert 'version="float32-twin"' in text and 'quantization="float32"' in text
     # An empty path reloads the configured bundle folder.
     info = stub.ReloadModel(classifier_pb2.ReloadModelRequest(), timeout=30)
-    assert info.model_version == "tiny-test"
+    assert info.model_version == default_loaded.version
+    assert info.model_sha256 == default_loaded.sha256
+    again = classify(stub, photo)
+    assert again.model_version == default_loaded.version
+    assert again.predictions[0].score == pytest.approx(before.predictions[0].score, abs=1e-6)
 
 
 def corrupt_model(bundle: Path) -> None:
@@ -124,29 +146,29 @@ def no_manifest(bundle: Path) -> None:
 def test_a_bad_bundle_is_refused_and_the_old_model_keeps_serving(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
-    tiny_bundle: Path,
-    tiny_data: Path,
+    default_bundle: Path,
+    default_loaded: Bundle,
     tmp_path: Path,
     damage: Callable[[Path], None],
     reason: str,
 ) -> None:
-    bad = copy_bundle(tiny_bundle, tmp_path / "bad", version="broken")
+    bad = copy_bundle(default_bundle, tmp_path / "bad", version="broken")
     damage(bad)
     with pytest.raises(grpc.RpcError) as caught:
         stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(bad)), timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason in caught.value.details()
-    assert "model tiny-test keeps serving" in caught.value.details()
-    assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test"
-    assert 'smartbin_model_reloads_total{outcome="failed"} 1.0' in scrape(service)
+    assert f"model {default_loaded.version} keeps serving" in caught.value.details()
+    assert classify(stub, a_photo()).model_version == default_loaded.version
+    text = scrape(service)
+    assert 'smartbin_model_reloads_total{outcome="failed"} 1.0' in text
+    assert 'smartbin_model_reloads_total{outcome="success"}' not in text
 
 
-def test_reload_loads_only_from_the_bundle_folders(
-    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
-) -> None:
+def test_reload_loads_only_from_the_bundle_folders(default_bundle: Path, tmp_path: Path) -> None:
     bundles = tmp_path / "bundles"
-    served = copy_bundle(tiny_bundle, bundles / "current", version="tiny-test")
-    elsewhere = copy_bundle(tiny_bundle, tmp_path / "elsewhere" / "v2", version="outside")
+    served = copy_bundle(default_bundle, bundles / "current", version="current")
+    elsewhere = copy_bundle(default_bundle, tmp_path / "elsewhere" / "v2", version="outside")
     (bundles / "link").symlink_to(elsewhere)
     running = create_server(local_config(served))
     try:
@@ -160,9 +182,9 @@ def test_reload_loads_only_from_the_bundle_folders(
                 assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, offered
                 assert "reload_dirs" in caught.value.details()
                 assert str(bundles) in caught.value.details()
-            assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test"
+            assert classify(stub, a_photo()).model_version == "current"
             # A bundle copied next to the served one loads by its folder name.
-            copy_bundle(tiny_bundle, bundles / "v3", version="next-to-it")
+            copy_bundle(default_bundle, bundles / "v3", version="next-to-it")
             request = classifier_pb2.ReloadModelRequest(bundle_path="v3")
             assert stub.ReloadModel(request, timeout=30).model_version == "next-to-it"
     finally:
@@ -172,26 +194,26 @@ def test_reload_loads_only_from_the_bundle_folders(
 def test_a_call_in_flight_finishes_on_the_model_it_started_on(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
-    tiny_bundle: Path,
-    tiny_data: Path,
+    default_bundle: Path,
+    default_loaded: Bundle,
     tmp_path: Path,
 ) -> None:
     old = service.runtime.models.current
-    new = copy_bundle(tiny_bundle, tmp_path / "v2", version="tiny-test-2")
+    new = copy_bundle(default_bundle, tmp_path / "v2", version="v2")
     with futures.ThreadPoolExecutor(1) as pool:
         held = old._idle.get()  # hold the old interpreter: the call stops just before invoke
-        in_flight = pool.submit(classify, stub, a_photo(tiny_data))
+        in_flight = pool.submit(classify, stub, a_photo())
         time.sleep(0.5)  # it has read the model, decoded and preprocessed by now
         stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(new)), timeout=30)
-        assert classify(stub, a_photo(tiny_data)).model_version == "tiny-test-2"
+        assert classify(stub, a_photo()).model_version == "v2"
         assert not in_flight.done()
         old._idle.put(held)
-        assert in_flight.result(timeout=10).model_version == "tiny-test"
+        assert in_flight.result(timeout=10).model_version == default_loaded.version
 
 
 @pytest.fixture
-def watched_service(tiny_bundle: Path, tmp_path: Path) -> Iterator[RunningService]:
-    folder = copy_bundle(tiny_bundle, tmp_path / "current", version="tiny-test")
+def watched_service(default_bundle: Path, tmp_path: Path) -> Iterator[RunningService]:
+    folder = copy_bundle(default_bundle, tmp_path / "current", version="watched")
     running = create_server(local_config(folder, watch_bundle_seconds=0.05))
     yield running
     running.stop(grace=1)
@@ -202,6 +224,7 @@ def test_a_watched_bundle_folder_is_reloaded_when_its_files_change(
 ) -> None:
     folder = watched_service.runtime.config.bundle
     models = watched_service.runtime.models
+    assert models.current.bundle.version == "watched"
     set_manifest(folder, version="dropped-in")
     wait_for(lambda: models.current.bundle.version == "dropped-in")
     corrupt_model(folder)
@@ -213,17 +236,24 @@ def test_a_watched_bundle_folder_is_reloaded_when_its_files_change(
 
 
 def test_a_new_category_is_served_after_a_reload_with_no_code_change(
-    tiny_data: Path, tiny_bundle: Path, tmp_path: Path
+    default_bundle: Path, default_loaded: Bundle, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    new_category_images(data / NEW_CATEGORY, 12)
-    bundle = train_and_convert(data, tmp_path / "train", epochs=15)
-    old_labels = load_bundle(tiny_bundle).labels
+    """Labels are data: a bundle whose manifest names an output anew is served under that name.
+
+    The model is the shipped one; the manifest gives one of its outputs a category the code has
+    never heard of, as a retrained bundle with a new category would."""
+    old_labels = default_loaded.labels
+    renamed = old_labels[-1]
+    assert NEW_CATEGORY not in old_labels
+    labels = [NEW_CATEGORY if label == renamed else label for label in old_labels]
+    version = f"{default_loaded.version}+{NEW_CATEGORY}"
+    bundle = copy_bundle(default_bundle, tmp_path / "new-category", labels=labels, version=version)
+    photo = sample_of(renamed)
     camera_folder = tmp_path / "camera"
-    new_category_images(camera_folder, 2)
+    camera_folder.mkdir()
+    shutil.copy(photo, camera_folder / photo.name)
     config = local_config(
-        tiny_bundle,
+        default_bundle,
         camera={"type": "replay", "folder": camera_folder, "frame_interval_seconds": 0.05},
         reload_dirs=[tmp_path],
     )
@@ -231,15 +261,20 @@ def test_a_new_category_is_served_after_a_reload_with_no_code_change(
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = classifier_pb2_grpc.ClassifierStub(channel)
+            assert classify(stub, photo).predictions[0].label == renamed  # before the reload
             request = classifier_pb2.ReloadModelRequest(bundle_path=str(bundle))
             info = stub.ReloadModel(request, timeout=60)
-            assert sorted(info.labels) == sorted([*old_labels, NEW_CATEGORY])
+            assert list(info.labels) == labels
+            assert info.model_version == version
             event = stub.Capture(classifier_pb2.CaptureRequest(top_k=1), timeout=10)
             assert event.predictions[0].label == NEW_CATEGORY
-            photo = data / NEW_CATEGORY / f"{NEW_CATEGORY}0.jpg"
-            assert classify(stub, photo).predictions[0].label == NEW_CATEGORY
+            assert event.model_version == version
+            reply = classify(stub, photo)
+            assert reply.predictions[0].label == NEW_CATEGORY
+            assert sorted(p.label for p in reply.predictions) == sorted(labels)
             text = scrape(running)
             assert f'smartbin_classifications_total{{label="{NEW_CATEGORY}"}} 2.0' in text
-            assert f'labels="{len(old_labels) + 1}"' in text
+            assert f'smartbin_classifications_total{{label="{renamed}"}} 1.0' in text
+            assert f'version="{version}"' in text
     finally:
         running.stop(grace=1)

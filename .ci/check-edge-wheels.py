@@ -3,8 +3,9 @@ the edge image on aarch64.
 
 The edge image (deploy/edge/Dockerfile) is Debian bookworm with its own CPython 3.11 and glibc
 2.36, so a wheel tagged manylinux_2_17 .. manylinux_2_36 aarch64 (or pure Python) installs there.
-pip resolves those dependencies for exactly that platform with --only-binary=:all: and the constraints the
-image uses; anything without such a wheel fails here instead of compiling on a Pi.
+pip resolves those dependencies for exactly that platform with --only-binary=:all: and the
+constraints the image uses; anything without such a wheel fails here instead of compiling on a
+Pi.
 
     .venv/bin/python .ci/check-edge-wheels.py
 """

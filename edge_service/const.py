@@ -10,8 +10,6 @@ from smartbin.v1 import classifier_pb2
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE_DIR = PACKAGE_DIR / "default_bundle"
 SAMPLES_DIR = PACKAGE_DIR / "samples"
-# The default bundle's float32 twin, for benchmarks; in the repository, not in the package.
-DEFAULT_FLOAT_TWIN = PACKAGE_DIR.parent / "tests" / "data" / "default_float32.tflite"
 
 # The API version is the proto package (stated once, in classifier.proto).
 API_VERSION: str = classifier_pb2.DESCRIPTOR.package

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from helpers import open_float_twin
 
-from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
 from smartbin.bundle import load_bundle
 from smartbin.preprocessing import prepare
 from smartbin_tools import bench
+from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
 
 STATS = {"p50_ms", "p95_ms", "p99_ms", "mean_ms", "count"}
 

@@ -31,12 +31,12 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
 from smartbin.bundle import Bundle, BundleError, load_bundle
 from smartbin.model import Interpreter
 from smartbin.preprocessing import decode_image, resize_and_crop
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.load import ClassifyLoad
+from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
 from smartbin_tools.service import serve_args, spawn_service
 from smartbin_tools.stats import stats_ms
 

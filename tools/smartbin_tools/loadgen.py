@@ -28,10 +28,10 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from edge_service.const import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
 from smartbin.channel import add_tls_arguments, open_channel
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.load import Call, ClassifyLoad
+from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, SAMPLES_DIR
 from smartbin_tools.service import ServiceProcess, serve_args, spawn_service
 from smartbin_tools.stats import percentiles_ms
 

@@ -58,7 +58,7 @@ def _load_folder(root: Path) -> ImageSet:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{root} needs one sub-folder per class (two or more), found {classes}")
-    samples = []
+    samples: list[Sample] = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:

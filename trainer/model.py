@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -14,12 +15,23 @@ from smartbin.preprocessing import Preprocessing
 logger = logging.getLogger(__name__)
 
 
+class TimmModel(Protocol):
+    """What the trainer uses of a timm model beyond ``nn.Module``."""
+
+    def get_classifier(self) -> nn.Module: ...
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+
 class PixelClassifier(nn.Module):
     """A backbone preceded by its mean/std normalisation, fed NCHW float pixels in 0..255.
 
     Keeping normalisation in the model means the bundle's runtime preprocessing is only
     decode, resize and crop, and int8 input quantisation can use scale 1 on raw pixels.
     """
+
+    offset: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -29,6 +41,10 @@ class PixelClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone((pixels - self.offset) * self.scale)
+
+    def head(self) -> nn.Module:
+        """The backbone's classification head: the layer trained anew for the task."""
+        return cast(TimmModel, self.backbone).get_classifier()
 
 
 def load_imagenet_weights(backbone: nn.Module, weights: Path) -> None:
@@ -75,11 +91,11 @@ def create_classifier(
     backbone = timm.create_model(arch, pretrained=hub_pretrained and weights is None)
     if weights is not None:
         load_imagenet_weights(backbone, weights)
-    backbone.reset_classifier(num_classes)
+    cast(TimmModel, backbone).reset_classifier(num_classes)
     return PixelClassifier(backbone, preprocessing.mean, preprocessing.std)
 
 
-def build_from_checkpoint(checkpoint: dict) -> PixelClassifier:
+def build_from_checkpoint(checkpoint: dict[str, Any]) -> PixelClassifier:
     """Rebuild the trained model recorded in a checkpoint dict."""
     preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
     model = create_classifier(checkpoint["arch"], len(checkpoint["labels"]), preprocessing)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from trainer.model import PixelClassifier
+
 # Symmetric int8 weights use -127..127 (the converter's recipe), activations -128..127.
 WEIGHT_LEVELS = 127
 
@@ -43,6 +45,8 @@ class FoldedWeight(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self._norm[0]
+        if norm.running_var is None:
+            raise ValueError("quantization-aware training needs batch norm's running statistics")
         gain = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain).view(-1, 1, 1, 1)
         return _per_channel(weight * gain) / gain
@@ -98,35 +102,30 @@ def conv_norm_pairs(model: nn.Module) -> Iterable[tuple[nn.Conv2d, nn.BatchNorm2
                 yield child, norm
 
 
-def _rounded_outputs(model: nn.Module) -> Iterable[nn.Module]:
+def _rounded_outputs(model: PixelClassifier) -> Iterable[nn.Module]:
     """The modules whose outputs are int8 tensors in the converted model: every batch norm
     (with its activation), every residual sum, the pooled features and the logits. (The
     normalised input is one more, hooked on its way into the backbone.)"""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d) or getattr(module, "has_skip", False):
             yield module
-    backbone = model.backbone  # type: ignore[union-attr]
-    yield backbone.global_pool
-    yield backbone.get_classifier()
+    yield model.backbone.get_submodule("global_pool")
+    yield model.head()
 
 
-def normalised_range(model: nn.Module) -> tuple[float, float]:
+def normalised_range(model: PixelClassifier) -> tuple[float, float]:
     """Where pixels 0 and 255 land after the model's normalisation, over all channels."""
-    offset, scale = model.offset.flatten(), model.scale.flatten()  # type: ignore[union-attr]
+    offset, scale = model.offset.flatten(), model.scale.flatten()
     ends = torch.stack([(0 - offset) * scale, (255 - offset) * scale])
     return float(ends.min()), float(ends.max())
 
 
-def attach_fake_quant(model: nn.Module) -> list[ActivationRange]:
-    """Make ``model`` (a PixelClassifier) compute as its int8 twin; returns the activation
-    activation ranges, which record what passes until ``start_rounding`` fixes them."""
+def attach_fake_quant(model: PixelClassifier) -> list[ActivationRange]:
+    """Make ``model`` compute as its int8 twin; returns the activation ranges, which record
+    what passes until ``start_rounding`` fixes them."""
     for conv, norm in conv_norm_pairs(model):
         parametrize.register_parametrization(conv, "weight", FoldedWeight(norm))
-    parametrize.register_parametrization(
-        model.backbone.get_classifier(),  # type: ignore[union-attr]
-        "weight",
-        PlainWeight(),
-    )
+    parametrize.register_parametrization(model.head(), "weight", PlainWeight())
     ranges = []
     for module in _rounded_outputs(model):
         hook = ActivationRange()
@@ -135,7 +134,7 @@ def attach_fake_quant(model: nn.Module) -> list[ActivationRange]:
     # The normalised pixels the backbone takes are an int8 tensor too; the converter's
     # calibration frames each hold a 0 and a 255 pixel, so its range is that of 0..255.
     normalised = ActivationRange(fixed=normalised_range(model))
-    model.backbone.register_forward_pre_hook(  # type: ignore[union-attr]
+    model.backbone.register_forward_pre_hook(
         lambda module, args: (normalised(module, args, args[0]),)
     )
     ranges.append(normalised)

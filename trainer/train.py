@@ -13,19 +13,21 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from smartbin.preprocessing import Preprocessing, decode_image
+from trainer.config import ConfigError, TrainConfig, add_arguments
 from trainer.data import SPLITS, Sample, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
 from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
@@ -78,111 +80,21 @@ class Split:
     test: list[Sample]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config", type=Path, help="YAML file of defaults for the flags")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[config_parser])
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="image folder (one sub-folder per class) or a datasets hub id "
-        "such as garythung/trashnet",
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's config: a ``--config`` recipe, overridden by the flags given; exits with the
+    parser's usage error naming each refused key (and its file) or flag."""
+    parser = argparse.ArgumentParser(
+        prog="smartbin-train",
+        description=(__doc__ or "").splitlines()[0],
+        epilog="Every flag is also a recipe key: --batch-size 16 is batch_size: 16.",
     )
-    parser.add_argument("--arch", default="mobilenetv2_100", help="timm model name")
-    parser.add_argument("--weights", type=Path, help="ImageNet state_dict file to start from")
-    parser.add_argument(
-        "--hub-pretrained",
-        action="store_true",
-        help="download timm's pretrained weights instead (needs internet)",
-    )
-    parser.add_argument("--img-size", type=int, help="model input size (default: timm's)")
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new head")
-    parser.add_argument("--body-lr", type=float, default=3e-4, help="learning rate of the body")
-    parser.add_argument("--weight-decay", type=float, default=0.02)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=6,
-        help="stop after this many epochs without a better val accuracy",
-    )
-    parser.add_argument(
-        "--max-minutes", type=float, help="stop after the epoch that passes this much training time"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training run")
-    parser.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the train/val/test split"
-    )
-    parser.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.998,
-        help="keep an exponential moving average of the weights, evaluated and "
-        "saved in place of the raw weights (0 turns it off)",
-    )
-    parser.add_argument("--split", type=Path, help="reuse this split.json instead of making one")
-    parser.add_argument(
-        "--init",
-        type=Path,
-        help="start from this checkpoint's trained weights (same arch, classes and split)",
-    )
-    parser.add_argument(
-        "--qat",
-        action="store_true",
-        help="quantization-aware fine-tuning of --init's model: train while rounding as the int8 "
-        "model will (val accuracy is then the simulated int8 one)",
-    )
-    parser.add_argument(
-        "--warmup-epochs", type=int, default=1, help="epochs of linear learning-rate warm-up"
-    )
-    parser.add_argument(
-        "--teacher",
-        type=Path,
-        action="append",
-        default=[],
-        help="checkpoint (same classes and split) whose answers the model also learns from; "
-        "repeat for an ensemble",
-    )
-    parser.add_argument(
-        "--distill-weight",
-        type=float,
-        default=0.7,
-        help="share of the teachers' answers in the loss (the labels get the rest)",
-    )
-    parser.add_argument(
-        "--distill-temperature", type=float, default=2.0, help="softening of all answers"
-    )
-    parser.add_argument(
-        "--limit-per-class", type=int, help="use at most N images per class per side (quick runs)"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="where run folders go")
-    parser.add_argument("--name", help="run folder name (default: arch and time)")
-    parser.add_argument(
-        "--mlflow",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="log to MLflow (MLFLOW_TRACKING_URI, else a store in --out)",
-    )
-    args, _ = config_parser.parse_known_args(argv)
-    if args.config:
-        parser.set_defaults(**yaml.safe_load(args.config.read_text()))
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, not {args.epochs}")
-    if args.qat and (args.init is None or args.ema_decay):
-        parser.error("--qat fine-tunes a trained model: give --init and --ema-decay 0")
-    return args
-
-
-def _plain(value: Any) -> Any:
-    """An argument value as YAML can write it (paths as text)."""
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
+    add_arguments(parser)
+    flags = vars(parser.parse_args(argv))
+    recipe = flags.pop("config", None)
+    try:
+        return TrainConfig.from_sources(recipe, flags)
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def _limit(samples: list[Sample], per_class: int | None) -> list[Sample]:
@@ -197,24 +109,47 @@ def _limit(samples: list[Sample], per_class: int | None) -> list[Sample]:
     return kept
 
 
-def _optimizer(model: PixelClassifier, args: argparse.Namespace) -> torch.optim.Optimizer:
-    head = list(model.backbone.get_classifier().parameters())
+def make_optimizer(model: PixelClassifier, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with two parameter groups: the body at ``body_lr``, the new head at ``lr``.
+
+    Both groups hold ``lr``; the body's ``lr_scale``, by which timm's schedulers multiply every
+    value they set, brings it to ``body_lr``, so that one schedule serves both groups.
+    """
+    head = list(model.head().parameters())
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids]
     return torch.optim.AdamW(
-        [{"params": body, "lr": args.body_lr}, {"params": head, "lr": args.lr}],
-        weight_decay=args.weight_decay,
+        [
+            {"params": body, "lr": config.lr, "lr_scale": config.body_lr / config.lr},
+            {"params": head, "lr": config.lr},
+        ],
+        weight_decay=config.weight_decay,
     )
 
 
-def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, updates: int, warmup_updates: int
+) -> CosineLRScheduler:
+    """Linear warm-up over ``warmup_updates``, then cosine decay to 0 at ``updates``; call
+    ``step_update(n)`` after the n-th optimizer update.
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    The first update runs at 1/``warmup_updates`` of the peak, the first one after the warm-up
+    at the peak. The groups share one peak ``lr`` and differ by their ``lr_scale``.
+    """
+    if not 0 <= warmup_updates < updates:
+        raise ValueError(f"{warmup_updates} warm-up updates leave no room in {updates} updates")
+    peaks = {group["lr"] for group in optimizer.param_groups}
+    if len(peaks) != 1:
+        raise ValueError(f"parameter groups at learning rates {peaks}: use lr_scale instead")
+    (peak,) = peaks
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=updates - warmup_updates,
+        warmup_t=warmup_updates,
+        warmup_lr_init=peak / warmup_updates if warmup_updates else 0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 @dataclass
@@ -237,18 +172,28 @@ class Objective:
         return (1 - self.weight) * loss + self.weight * soft
 
 
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: CosineLRScheduler,
     loss_fn: Objective,
     device: torch.device,
-    progress: Any,
-    ema: Any = None,
-) -> dict[str, float]:
+    progress: Progress = iter,
+    ema: ModelEmaV3 | None = None,
+    updates: int = 0,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; ``updates`` counts the optimizer updates before it.
+
+    Returns:
+        The epoch's figures (with ``lr``, the head's learning rate at its last update) and the
+        count of updates after it.
+    """
     model.train()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, correct, loss_sum, lr = 0, 0, 0.0, 0.0
     for inputs, targets in progress(loader):
         inputs = inputs.to(device, non_blocking=True, memory_format=torch.channels_last)
         targets = targets.to(device)
@@ -257,21 +202,23 @@ def train_one_epoch(
             loss = loss_fn(logits, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = optimizer.param_groups[-1]["lr"]
         optimizer.step()
-        scheduler.step()
+        updates += 1
+        scheduler.step_update(updates)  # the learning rates of the next update
         if ema is not None:
-            ema.update(model, step=scheduler.last_epoch)  # warm-up needs the step
+            ema.update(model, step=updates)  # its decay warms up over the first updates
         total += len(targets)
         correct += int((logits.argmax(1) == targets).sum())
         loss_sum += loss.item() * len(targets)
-    return {"train_loss": loss_sum / total, "train_accuracy": correct / total}
+    return {"train_loss": loss_sum / total, "train_accuracy": correct / total, "lr": lr}, updates
 
 
-def _progress(desc: str):
+def _progress(desc: str) -> Progress:
     try:
         from tqdm import tqdm
     except ImportError:
-        return lambda it: it
+        return iter
     return lambda it: tqdm(it, desc=desc, leave=False)
 
 
@@ -297,11 +244,11 @@ def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
 class RunLog:
     """summary.csv rows, and MLflow when available and wanted."""
 
-    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
+    def __init__(self, folder: Path, config: TrainConfig) -> None:
         self.folder = folder
         self.rows: list[dict[str, float]] = []
         self.mlflow = None
-        if args.mlflow:
+        if config.mlflow:
             try:
                 import mlflow
             except ImportError:
@@ -312,10 +259,10 @@ class RunLog:
                 if not os.environ.get("MLFLOW_TRACKING_URI"):
                     # A local file store needs no server; mlflow-skinny has no SQL backend.
                     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                    mlflow.set_tracking_uri((args.out / "mlruns").resolve().as_uri())
+                    mlflow.set_tracking_uri((config.out / "mlruns").resolve().as_uri())
                 mlflow.set_experiment("smartbin")
                 mlflow.start_run(run_name=folder.name)
-                mlflow.log_params({k: str(v) for k, v in vars(args).items()})
+                mlflow.log_params({k: str(v) for k, v in config.model_dump(mode="json").items()})
                 self.mlflow = mlflow
 
     def epoch(self, row: dict[str, float]) -> None:
@@ -339,14 +286,14 @@ class RunLog:
             self.mlflow.end_run()
 
 
-def load_split(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], Split]:
-    image_set = load_source(args.data)
-    if args.split:
-        manifest = json.loads(args.split.read_text())
+def load_split(config: TrainConfig) -> tuple[list[str], dict[str, Any], Split]:
+    image_set = load_source(config.data)
+    if config.split:
+        manifest = json.loads(config.split.read_text())
     else:
-        manifest = make_split_manifest(image_set, seed=args.split_seed)
+        manifest = make_split_manifest(image_set, seed=config.split_seed)
     sides = {
-        name: _limit(select(image_set, manifest, name), args.limit_per_class) for name in SPLITS
+        name: _limit(select(image_set, manifest, name), config.limit_per_class) for name in SPLITS
     }
     return image_set.classes, manifest, Split(**sides)
 
@@ -359,34 +306,34 @@ def choose_device(requested: str) -> torch.device:
 
 
 def build_student(
-    args: argparse.Namespace, classes: list[str], spec: Preprocessing, fingerprint: str
+    config: TrainConfig, classes: list[str], spec: Preprocessing, fingerprint: str
 ) -> PixelClassifier:
     """The model to train: ImageNet (or random) weights, or ``--init``'s checkpoint."""
-    if args.weights is None and not args.hub_pretrained and args.init is None:
-        logger.warning("no pretrained weights given: %s starts from random weights", args.arch)
-    model = create_classifier(args.arch, len(classes), spec, args.weights, args.hub_pretrained)
-    if args.init:
-        start = load_checkpoint(args.init, classes, fingerprint)
+    if config.weights is None and not config.hub_pretrained and config.init is None:
+        logger.warning("no pretrained weights given: %s starts from random weights", config.arch)
+    model = create_classifier(
+        config.arch, len(classes), spec, config.weights, config.hub_pretrained
+    )
+    if config.init:
+        start = load_checkpoint(config.init, classes, fingerprint)
         trained = (start["arch"], start["preprocessing"]["input_size"])
-        if trained != (args.arch, spec.input_size):
+        if trained != (config.arch, spec.input_size):
             raise ValueError(
-                f"{args.init} is {trained[0]} at {trained[1]} px, this run trains {args.arch} "
+                f"{config.init} is {trained[0]} at {trained[1]} px, this run trains {config.arch} "
                 f"at {spec.input_size} px: pass --arch {trained[0]} --img-size {trained[1]}"
             )
         model.load_state_dict(start["state_dict"])
     return model
 
 
-def train_loader(
-    samples: list[Sample], size: int, args: argparse.Namespace, cuda: bool
-) -> DataLoader:
+def train_loader(samples: list[Sample], size: int, config: TrainConfig, cuda: bool) -> DataLoader:
     return DataLoader(
         TrainImages(samples, size),
-        batch_size=args.batch_size,
+        batch_size=config.batch_size,
         shuffle=True,
-        drop_last=len(samples) > args.batch_size,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
+        drop_last=len(samples) > config.batch_size,
+        num_workers=config.workers,
+        persistent_workers=config.workers > 0,
         pin_memory=cuda,
     )
 
@@ -407,21 +354,24 @@ def fit(
     loss_fn: Objective,
     device: torch.device,
     log: RunLog,
-    args: argparse.Namespace,
+    config: TrainConfig,
 ) -> Best:
-    """Train up to ``args.epochs``, stopping early on val accuracy or the time limit; the model
+    """Train up to ``config.epochs``, stopping early on val accuracy or the time limit; the model
     is left with the best epoch's weights."""
-    optimizer = _optimizer(model, args)
-    scheduler = _schedule(
-        optimizer, args.epochs * len(loader), warmup=args.warmup_epochs * len(loader)
+    optimizer = make_optimizer(model, config)
+    scheduler = lr_schedule(
+        optimizer, config.epochs * len(loader), config.warmup_epochs * len(loader)
     )
-    ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
-    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    deadline = time.time() + 60 * config.max_minutes if config.max_minutes else math.inf
     best = Best()
-    for epoch in range(1, args.epochs + 1):
+    updates = 0
+    for epoch in range(1, config.epochs + 1):
         started = time.time()
-        progress = _progress(f"epoch {epoch}/{args.epochs}")
-        row = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, progress, ema)
+        progress = _progress(f"epoch {epoch}/{config.epochs}")
+        row, updates = train_one_epoch(
+            model, loader, optimizer, scheduler, loss_fn, device, progress, ema, updates
+        )
         evaluated = ema.module if ema is not None else model
         val_probs = predict(evaluated, val[0], device)
         row.update(
@@ -430,15 +380,15 @@ def fit(
             seconds=time.time() - started,
         )
         log.epoch(row)
-        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        logger.info("epoch %d: %s", epoch, {k: float(f"{v:.4g}") for k, v in row.items()})
         if row["val_accuracy"] > best.accuracy:
             state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
             best = Best(row["val_accuracy"], epoch, state)
-        elif epoch - best.epoch >= args.patience:
-            logger.info("no better val accuracy for %d epochs: stopping", args.patience)
+        elif epoch - best.epoch >= config.patience:
+            logger.info("no better val accuracy for %d epochs: stopping", config.patience)
             break
         if time.time() > deadline:
-            logger.info("time limit of %s minutes reached: stopping", args.max_minutes)
+            logger.info("time limit of %s minutes reached: stopping", config.max_minutes)
             break
     if best.state is not None:  # None only if no epoch ran, which parse_args rules out
         model.load_state_dict(best.state)
@@ -466,15 +416,15 @@ def evaluate_sides(
     return reports
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(config: TrainConfig) -> Path:
     """Train, evaluate on val and test, write the run folder; returns the checkpoint path."""
-    torch.manual_seed(args.seed)
-    device = choose_device(args.device)
-    classes, manifest, split = load_split(args)
-    spec = default_preprocessing(args.arch, args.img_size)
-    folder = args.out / (args.name or f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    torch.manual_seed(config.seed)
+    device = choose_device(config.device)
+    classes, manifest, split = load_split(config)
+    spec = default_preprocessing(config.arch, config.img_size)
+    folder = config.out / (config.name or f"{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "args.yaml").write_text(yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}))
+    (folder / "args.yaml").write_text(config.to_yaml())
     (folder / "split.json").write_text(json.dumps(manifest, indent=1))
     logger.info(
         "classes %s; train %d, val %d, test %d images; %s on %s",
@@ -482,41 +432,41 @@ def run(args: argparse.Namespace) -> Path:
         len(split.train),
         len(split.val),
         len(split.test),
-        args.arch,
+        config.arch,
         device,
     )
 
     fingerprint = manifest["fingerprint"]
-    model = build_student(args, classes, spec, fingerprint)
+    model = build_student(config, classes, spec, fingerprint)
     # Channels-last runs the depthwise convolutions a third faster on CPU (and suits GPUs too).
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last)
     teachers = None
-    if args.teacher:
-        teachers = Teachers([load_checkpoint(p, classes, fingerprint) for p in args.teacher])
-        teachers.to(device, memory_format=torch.channels_last)
+    if config.teacher:
+        teachers = Teachers([load_checkpoint(p, classes, fingerprint) for p in config.teacher])
+        teachers.to(device).to(memory_format=torch.channels_last)
     loss_fn = Objective(
-        nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         teachers,
-        args.distill_weight,
-        args.distill_temperature,
+        config.distill_weight,
+        config.distill_temperature,
     )
-    log = RunLog(folder, args)
-    loader = train_loader(split.train, spec.input_size, args, device.type == "cuda")
-    if args.qat:
+    log = RunLog(folder, config)
+    loader = train_loader(split.train, spec.input_size, config, device.type == "cuda")
+    if config.qat:
         start_rounding(model, attach_fake_quant(model), loader, device)
-    best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, args)
+    best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, config)
 
-    kind = "simulated int8" if args.qat else "float"
+    kind = "simulated int8" if config.qat else "float"
     reports = evaluate_sides(model, split, spec, classes, device, folder, kind)
     checkpoint = folder / "checkpoint.pt"
     torch.save(
         {
-            "arch": args.arch,
+            "arch": config.arch,
             "labels": classes,
             "preprocessing": spec.to_dict(),
             "state_dict": plain_state_dict(model),
             "split": manifest,
-            "data": args.data,
+            "data": config.data,
             "best_epoch": best.epoch,
             "metrics": {
                 n: {k: r[k] for k in ("accuracy", "macro_f1", "ece")} for n, r in reports.items()

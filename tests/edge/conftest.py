@@ -1,6 +1,6 @@
 """Edge fixtures: the shipped default bundle and a real server on it. Nothing here (or in any
 test in this folder) imports the trainer, the converter or torch: `make test-edge` runs this
-folder in an environment that has none of them."""
+folder in an environment that has none of them (test_edge_only.py checks)."""
 
 from __future__ import annotations
 

@@ -281,8 +281,8 @@ def test_a_real_decompression_bomb_is_refused(fuzzed: Fuzzed) -> None:
 
 
 def test_an_elongated_image_is_classified_in_bounded_memory(fuzzed: Fuzzed) -> None:
-    # 290 bytes, 2 x 20000: resizing its short side to the model's size first would make a
-    # 109 x 1090000 image; only the centre crop is resampled.
+    # 290 bytes, 2 x 20000: resizing its short side to the default bundle's resize_size (365 px)
+    # first would make a 365 x 3650000 image; only the centre crop is resampled.
     code, details = fuzzed.classify(encode(Image.new("RGB", (2, 20000), (9, 9, 9)), "PNG"))
     assert code == grpc.StatusCode.OK, details
     assert peak_rss(fuzzed.process.pid) - fuzzed.peak_before < PEAK_LIMIT

@@ -41,7 +41,7 @@ def test_bundle_carries_labels_preprocessing_metrics_and_report(
     tiny_bundle: Path, tiny_data: Path
 ) -> None:
     bundle = load_bundle(tiny_bundle)
-    assert list(bundle.labels) == sorted(p.name for p in tiny_data.iterdir())
+    assert list(bundle.labels) == sorted(p.name for p in tiny_data.iterdir() if p.is_dir())
     metrics = bundle.manifest["metrics"]
     for kind in ("float", "int8"):
         for side in ("val", "test"):

@@ -31,8 +31,11 @@ demo: $(EDGE_VENV)/.installed
 	$(EDGE_BIN)/smartbin-demo
 
 # The edge tests, in the edge-only environment: the shipped default bundle and bundles made from
-# it, the real server, no torch (tests/edge/conftest.py checks that it is absent).
+# it, the real server. The environment is checked first: no torch, trainer or converter in it.
 test-edge: $(EDGE_VENV)/.installed
+	$(EDGE_BIN)/python -c "from importlib.metadata import distributions as d; \
+		extra = {x.name for x in d()} & {'torch', 'timm', 'smartbin-trainer', 'smartbin-converter'}; \
+		assert not extra, f'the edge environment has {extra}'"
 	$(EDGE_BIN)/pytest tests/edge
 
 # What the service costs beyond the bare interpreter, measured in one run (docs/benchmarks.md).

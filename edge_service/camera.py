@@ -98,7 +98,8 @@ class OpenCVCamera:
             import cv2
         except ImportError as err:
             raise CameraError(
-                "OpenCV is not installed: pip install 'smartbin[camera-opencv]'"
+                "OpenCV is not installed: install the edge with its camera-opencv extra "
+                "(pip install './edge_service[camera-opencv]')"
             ) from err
         capture = cv2.VideoCapture(self.config.device)
         if not capture.isOpened():

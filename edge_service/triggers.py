@@ -39,7 +39,10 @@ class GpioTrigger:
         try:
             from gpiozero import DigitalInputDevice, GPIOZeroError  # type: ignore[import-untyped]
         except ImportError as err:
-            raise TriggerError("gpiozero is not installed: pip install 'smartbin[gpio]'") from err
+            raise TriggerError(
+                "gpiozero is not installed: install the edge with its gpio extra "
+                "(pip install './edge_service[gpio]')"
+            ) from err
         try:
             self._device = DigitalInputDevice(
                 config.pin,

@@ -3,6 +3,7 @@ edge tests run with them in the edge-only environment (make test-edge)."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import shutil
@@ -103,3 +104,15 @@ def local_config(bundle: Path, **overrides: object) -> ServiceConfig:
     }
     settings.update(overrides)
     return ServiceConfig(**settings)
+
+
+def modules_imported_by(path: Path) -> set[str]:
+    """The top-level names of every module ``path`` imports, wherever the import statement is
+    (relative imports left out)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names

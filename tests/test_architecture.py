@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import ROOT
+from helpers import ROOT, modules_imported_by
 
 TORCH = {"torch", "torchvision", "timm", "litert_torch", "ai_edge_quantizer", "datasets"}
 PARTS = {
@@ -38,18 +38,11 @@ FORBIDDEN = {
 
 def imported_modules(folder: Path) -> dict[str, set[str]]:
     """Top-level names each source file in ``folder`` imports (build outputs skipped)."""
-    found = {}
-    for path in folder.rglob("*.py"):
-        if {"build", "__pycache__"} & set(path.relative_to(folder).parts):
-            continue
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(ROOT))] = names
-    return found
+    return {
+        str(path.relative_to(ROOT)): modules_imported_by(path)
+        for path in folder.rglob("*.py")
+        if not {"build", "__pycache__"} & set(path.relative_to(folder).parts)
+    }
 
 
 @pytest.mark.parametrize("part", sorted(PARTS))

@@ -4,29 +4,17 @@ function, and not through the helpers or the edge packages either."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, modules_imported_by
 
 EDGE_TESTS = Path(__file__).resolve().parent
 HELPERS = ROOT / "tests" / "helpers.py"
 # Top-level modules that only the training side installs.
 TRAINING_ONLY = {"torch", "torchvision", "timm", "trainer", "converter", "tiny", "mlflow"}
-
-
-def modules_imported_by(path: Path) -> set[str]:
-    """The top-level names of every module ``path`` imports, wherever the import statement is."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
 
 
 def test_no_edge_test_imports_training_code() -> None:

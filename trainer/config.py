@@ -4,7 +4,8 @@ A run's settings come from three places, later ones winning: the defaults below,
 (``--config``, such as ``trainer/recipes/release.yaml``) and the command-line flags. Each field
 of ``TrainConfig`` is one recipe key and one flag (``batch_size`` is ``--batch-size``). A key
 the config does not know, or a value it refuses, is an error that names the key and the file (or
-the flag) it came from: a misspelt ``epoch: 3`` must not train for the default 25 epochs.
+the flag) it came from: a misspelt ``epoch: 3`` must not train for the default 25 epochs. Paths
+in a recipe are taken from the working directory, as on the command line.
 
 The run folder's ``args.yaml`` is the config as this model writes it, and reads back as a
 recipe.
@@ -182,7 +183,8 @@ def _describe(
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"recipe {recipe}: unknown key {key!r}{hint}"
+        source = f"recipe {recipe}" if key in from_recipe else "the settings given"
+        return f"{source}: unknown key {key!r}{hint}"
     if error["type"] == "missing":
         return f"{path} is missing: give {flag(key)} or put {key}: in the recipe"
     return f"{origin}: {error['msg']}, not {error['input']!r}"

@@ -42,12 +42,12 @@ def test_bundle_carries_labels_preprocessing_metrics_and_report(
 ) -> None:
     bundle = load_bundle(tiny_bundle)
     assert list(bundle.labels) == sorted(p.name for p in tiny_data.iterdir() if p.is_dir())
-    metrics = bundle.manifest["metrics"]
+    metrics = bundle.manifest.metrics
     for kind in ("float", "int8"):
         for side in ("val", "test"):
             assert 0.0 <= metrics[kind][side]["accuracy"] <= 1.0
     assert 0.0 <= metrics["agreement"]["test"] <= 1.0
-    assert bundle.manifest["source"]["split_fingerprint"]
+    assert bundle.manifest.source["split_fingerprint"]
     report = json.loads((tiny_bundle / "report.json").read_text())
     assert set(report["int8"]["test"]["per_class"]) == set(bundle.labels)
 

@@ -41,9 +41,16 @@ def tiny_checkpoint(tiny_bundle: Path) -> Path:
     return tiny_bundle.parent / "run" / "checkpoint.pt"
 
 
-def train_and_convert(data: Path, work: Path, epochs: int = 2) -> Path:
+def tiny_bundle_args(data: Path, work: Path) -> list[str]:
+    """The training run of the tiny bundle: from random weights, so at a learning rate higher
+    than fine-tuning's, long enough for answers that differ between the photos (the QAT test
+    compares them)."""
+    return tiny_train_args(data, work, "run", "--lr", "0.003", "--body-lr", "0.003", epochs=4)
+
+
+def train_and_convert(data: Path, work: Path) -> Path:
     """Run the real trainer and converter CLIs' code paths; return the bundle folder."""
-    checkpoint = run(parse_args(tiny_train_args(data, work, "run", epochs=epochs)))
+    checkpoint = run(parse_args(tiny_bundle_args(data, work)))
     bundle = work / "bundle"
     convert(
         checkpoint,

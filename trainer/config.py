@@ -14,6 +14,7 @@ recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 from pathlib import Path
 from typing import Any, get_origin
@@ -106,6 +107,18 @@ class TrainConfig(BaseModel):
     mlflow: bool = Field(
         True, description="log to MLflow (MLFLOW_TRACKING_URI, else a store in --out)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_warmup_in_a_one_epoch_run(cls, data: Any) -> Any:
+        # The default warm-up (one epoch) would leave a one-epoch run no decay; a warm-up the
+        # user asked for is checked below instead.
+        if isinstance(data, dict) and "warmup_epochs" not in data:
+            epochs = data.get("epochs", cls.model_fields["epochs"].default)
+            with contextlib.suppress(TypeError, ValueError):  # a bad value is refused later
+                if int(epochs) <= cls.model_fields["warmup_epochs"].default:
+                    return {**data, "warmup_epochs": 0}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -119,3 +119,9 @@ def test_a_run_records_its_config_as_a_recipe(tiny_bundle: Path, tiny_data: Path
     expected = parse_args(tiny_bundle_args(tiny_data, tiny_bundle.parent))
     assert TrainConfig.from_sources(recorded) == expected
     assert expected.epochs == 4 and expected.lr == 0.003  # not the defaults
+
+
+def test_a_one_epoch_run_needs_no_warm_up_flag() -> None:
+    """The default one-epoch warm-up steps aside in a one-epoch run; an asked-for one does not."""
+    assert parse_args(["--data", "photos", "--epochs", "1"]).warmup_epochs == 0
+    assert parse_args(["--data", "photos", "--epochs", "3"]).warmup_epochs == 1

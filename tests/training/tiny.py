@@ -21,8 +21,6 @@ def tiny_train_args(data: Path, out: Path, name: str, *extra: str, epochs: int =
         str(epochs),
         "--patience",  # a tiny val side is noisy: train every epoch asked for
         str(epochs),
-        "--warmup-epochs",  # fewer than the epochs, as the config requires
-        str(min(1, epochs - 1)),
         "--batch-size",
         "8",
         "--workers",

@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from deploy_files import DASHBOARD, DEPLOY, dashboard_expressions, rule_expressions
-from helpers import ROOT, free_port
+from helpers import ROOT
 
 from edge_service.config import ReplayCameraConfig, load_config
-from edge_service.healthcheck import main as healthcheck_main
 from edge_service.metrics import ServiceMetrics
-from edge_service.server import RunningService
 
 DOCKERFILES = sorted(DEPLOY.glob("*/Dockerfile"))
 
@@ -148,26 +146,3 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"./deploy/grafana/dashboards:{provider['providers'][0]['options']['path']}:ro" in mounts
-
-
-def test_healthcheck_passes_on_a_serving_service(
-    service: RunningService, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exited:
-        healthcheck_main(["--target", f"127.0.0.1:{service.port}"])
-    assert exited.value.code == 0
-    assert "SERVING" in capsys.readouterr().out
-
-
-def test_healthcheck_fails_when_the_service_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        healthcheck_main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "1"])
-    assert exited.value.code == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
-
-
-def test_healthcheck_fails_while_the_service_drains(service: RunningService) -> None:
-    service.health.enter_graceful_shutdown()
-    with pytest.raises(SystemExit) as exited:
-        healthcheck_main(["--target", f"127.0.0.1:{service.port}"])
-    assert exited.value.code == 1

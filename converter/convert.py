@@ -26,6 +26,7 @@ from converter.shifts import SHIFTS, shifted
 from smartbin.bundle import load_bundle, write_bundle
 from smartbin.model import TFLiteClassifier
 from smartbin.preprocessing import Preprocessing, prepare
+from smartbin.signing import SignatureError, key_id, load_signing_key, sign_bundle, verify_bundle
 from trainer.data import SPLITS, Sample, load_source, select
 from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
 from trainer.model import build_from_checkpoint
@@ -115,13 +116,22 @@ def convert(
     version: str | None = None,
     seed: int = 0,
     float_twin: Path | None = None,
+    signing_key: Path | None = None,
 ) -> dict[str, Any]:
     """Build the bundle at ``out``; raises ParityError, writing nothing, when int8 falls short.
 
     ``float_twin``, when given, also receives the float32 .tflite the int8 model was quantized
-    from (same input, same outputs), for benchmarks comparing the two.
+    from (same input, same outputs), for benchmarks comparing the two. ``signing_key``, an
+    Ed25519 private key file (smartbin-keygen), signs the bundle (signature.json): bins that
+    require signatures load it when they trust the matching public key.
+
+    Raises:
+        ParityError: int8 lost more than ``max_drop`` points.
+        SignatureError: ``signing_key`` is unusable (checked before any work is done).
     """
     from converter.tflite import export_float, quantize_int8
+
+    key = load_signing_key(signing_key) if signing_key is not None else None
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     labels = list(checkpoint["labels"])
@@ -161,10 +171,16 @@ def convert(
             source=source,
         )
         write_report(staging, report, labels)
+        if key is not None:
+            sign_bundle(staging, key)
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(staging, out)
     load_bundle(out)
+    if key is not None:
+        public = key.public_key()
+        verify_bundle(out, {key_id(public): public})
+        logger.info("signed with key %s", key_id(public))
     if float_twin is not None:
         float_twin.parent.mkdir(parents=True, exist_ok=True)
         float_twin.write_bytes(float_model)
@@ -217,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="also write the float32 .tflite the int8 model came from here (for smartbin-bench)",
     )
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        help="Ed25519 private key (smartbin-keygen --out DIR) to sign the bundle with, for bins "
+        "that require signed bundles (bundle_signing in their config)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -229,9 +251,12 @@ def main(argv: list[str] | None = None) -> None:
             args.version,
             args.seed,
             args.float_twin,
+            args.signing_key,
         )
     except ParityError as err:
         sys.exit(f"smartbin-convert: parity gate failed: {err}")
+    except SignatureError as err:
+        sys.exit(f"smartbin-convert: {err}")
     for kind in ("float", "int8"):
         print(
             f"{kind:>6}: val {report[kind]['val']['accuracy']:.2%}  "

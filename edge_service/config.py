@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT
 
@@ -128,6 +129,72 @@ class TLSConfig(_Section):
     )
 
 
+class AdminConfig(_Section):
+    """Who may make the calls that change the bin (``ReloadModel``; edge_service/admin.py).
+
+    The public gRPC port refuses them unless the caller presents a mutual-TLS client certificate
+    named in ``allowed_clients``; the admin listener, on loopback only, serves them to operators
+    on the bin itself."""
+
+    enabled: bool = Field(True, description="run the admin listener")
+    host: str = Field(
+        "127.0.0.1",
+        description="address the admin listener binds: loopback only (it has no authentication: "
+        "whoever reaches it may reload the model)",
+    )
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="admin listener port; default the gRPC port + 1 (50052), or a free port "
+        "when the gRPC port is 0",
+    )
+    allowed_clients: list[str] = Field(
+        default_factory=list,
+        description="client certificate names (subject CN, or a DNS, URI, e-mail or IP subject "
+        "alternative name) that may make admin calls on the public port; needs tls.client_ca",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, host: str) -> str:
+        if not is_loopback(host):
+            raise ValueError(
+                f"admin.host {host!r} is not a loopback address: the admin listener has no "
+                "authentication, so it binds 127.0.0.1, ::1 or localhost only; to administer "
+                "the bin from elsewhere, use mutual TLS on the public port with "
+                "admin.allowed_clients"
+            )
+        return host
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class BundleSigningConfig(_Section):
+    """Which bundles the bin serves: those signed by a key it trusts (smartbin.signing).
+
+    With ``required`` every bundle must be signed by one of ``trusted_keys`` (at start, on
+    ``ReloadModel`` and when the watched folder changes), except the bundle shipped inside the
+    package, which the package vouches for by its digest. Without it, a signature by a trusted
+    key is still checked, and an unsigned bundle is served with a warning."""
+
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="PEM Ed25519 public keys (smartbin-keygen's .pub) whose signatures the bin "
+        "accepts",
+    )
+    required: bool = Field(
+        False, description="serve only bundles signed by one of trusted_keys (or the shipped one)"
+    )
+
+
 class ServiceConfig(BaseModel):
     """Everything the edge service can be told. Unknown keys are an error, not ignored."""
 
@@ -155,11 +222,17 @@ class ServiceConfig(BaseModel):
         description="model interpreters running calls side by side; each adds about 10 MB "
         "resident and, on a busy gateway, calls per second (2 on 2 cores: +15-20 %)",
     )
-    max_workers: int = Field(8, ge=1, le=256, description="gRPC worker threads")
+    max_workers: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Classifier calls computed at once; the others wait for one, up to their "
+        "deadline",
+    )
     max_concurrent_rpcs: int = Field(
         64,
         ge=1,
-        description="calls (streams included) served or queued at once; "
+        description="calls (streams included) open at once, each with a thread of its own; "
         "beyond it callers get RESOURCE_EXHAUSTED",
     )
     max_message_bytes: int = Field(
@@ -167,6 +240,29 @@ class ServiceConfig(BaseModel):
     )
     max_pixels: int = Field(
         40_000_000, ge=1, description="largest decoded image (width x height) accepted"
+    )
+    # Overload and memory: what one caller, or many, can take (docs/hardening.md).
+    decode_budget_bytes: int = Field(
+        128 * 2**20,
+        ge=8 * 2**20,
+        description="memory all photo decodes may hold at once, worked out from each photo's "
+        "header before decoding; a photo that alone needs more is refused (INVALID_ARGUMENT), "
+        "one that finds the budget taken waits decode_wait_seconds, then gets RESOURCE_EXHAUSTED. "
+        "The default keeps the service under 250 MB resident (a 1 GB Raspberry Pi)",
+    )
+    decode_wait_seconds: float = Field(
+        2.0, ge=0.0, description="longest wait for the decode budget, within the call's deadline"
+    )
+    request_timeout_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        description="time a call may take to deliver its request message; then it is cancelled",
+    )
+    max_calls_per_connection: int = Field(
+        16,
+        ge=1,
+        description="calls one client connection may have open at once (HTTP/2 streams); its "
+        "further calls wait in the client",
     )
     confidence_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="below this best score an answer is unsure"
@@ -195,11 +291,21 @@ class ServiceConfig(BaseModel):
     tls: TLSConfig | None = Field(
         None, description="serve gRPC over TLS (mutual TLS with client_ca); plaintext when absent"
     )
+    admin: AdminConfig = Field(
+        default_factory=AdminConfig,
+        description="who may reload the model: the loopback admin listener, and allowed "
+        "mutual-TLS clients on the public port",
+    )
+    bundle_signing: BundleSigningConfig = Field(
+        default_factory=BundleSigningConfig,
+        description="serve only bundles signed by trusted keys",
+    )
 
     @model_validator(mode="after")
     def verify_bin_settings(self) -> ServiceConfig:
         verify_triggers_have_camera(self)
         verify_watchers_leave_workers(self)
+        verify_admin_clients_are_verified(self)
         return self
 
 
@@ -215,6 +321,16 @@ def verify_watchers_leave_workers(config: ServiceConfig) -> None:
             f"max_watchers ({config.max_watchers}) plus max_health_watchers "
             f"({config.max_health_watchers}) must be below max_workers ({config.max_workers}) "
             "so that other calls still get a worker"
+        )
+
+
+def verify_admin_clients_are_verified(config: ServiceConfig) -> None:
+    # A name is only worth trusting on a certificate the service checked against its CA.
+    if config.admin.allowed_clients and (config.tls is None or config.tls.client_ca is None):
+        raise ValueError(
+            "admin.allowed_clients names client certificates, but the service checks none: "
+            "set tls.client_ca (mutual TLS), or remove admin.allowed_clients and reload "
+            "through the admin listener on the bin"
         )
 
 

@@ -1,15 +1,45 @@
-"""Guards around every call: requests that do not parse, callers that gave up, calls in flight.
+"""Guards around every call: how many may be open, how long one may take to send its request,
+how many are computed at once, requests that do not parse, callers that gave up.
+
+gRPC's sync server gives each call a worker thread before its request message has arrived, and
+that thread waits for the message without a time limit: a client that opens calls and never
+sends their messages would hold every worker, and no other caller (health checks included) would
+be answered. So here:
+
+- every admitted call gets a thread at once (the pool has a thread for each of the
+  ``max_concurrent_rpcs`` places, and a few more for health checks), and :class:`CallGuard`
+  admits calls itself: beyond ``max_concurrent_rpcs`` a call is refused RESOURCE_EXHAUSTED on
+  threads of its own, which never wait, and the refusal is counted;
+- a call must deliver its request message within ``request_timeout_seconds``, or it is cancelled
+  (the caller sees CANCELLED);
+- only ``max_workers`` Classifier calls are computed at once; the others wait, up to their
+  deadline, for one to finish;
+- health Check and List have places of their own, so they are answered while the others are
+  all taken; the server also caps the calls one connection may hold (``grpc.max_concurrent_
+  streams``, set from ``max_calls_per_connection`` in server.py), so one client cannot take
+  every place.
+
+Every refusal is counted in ``smartbin_refusals_total{method, reason}``, and, for the Classifier
+calls, in ``smartbin_requests_total{method, code}`` with the code the caller gets, which the
+error-rate alert reads: gRPC's own refusals (its concurrency limit, a message over
+``max_message_bytes``) are made or seen here so that they are counted too.
 
 gRPC's own parsing answers a malformed request with INTERNAL, which tells a caller nothing; here it
-gets INVALID_ARGUMENT with the parser's reason. gRPC itself drops a call whose deadline passed while
-it queued for a worker; ``abort_if_expired`` lets a handler stop between its stages too.
+gets INVALID_ARGUMENT with the parser's reason. ``abort_if_expired`` lets a handler stop between
+its stages once its caller has given up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -19,6 +49,16 @@ from grpc_health.v1 import health, health_pb2
 from edge_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Health calls that answer at once; they have places of their own beside max_concurrent_rpcs.
+HEALTH_CALLS = frozenset(f"/{HEALTH_SERVICE}/{name}" for name in ("Check", "List"))
+HEALTH_PLACES = 4
+# Threads that answer refused calls: a refusal neither reads the request nor waits.
+REFUSAL_THREADS = 2
+# After a call's request stream ends without a message: how long to wait to see whether gRPC
+# itself ended the call (it does when the message is larger than max_message_bytes).
+GRPC_END_GRACE_SECONDS = 0.25
 
 
 def abort_if_expired(context: grpc.ServicerContext, work: str) -> None:
@@ -34,14 +74,117 @@ def abort_if_expired(context: grpc.ServicerContext, work: str) -> None:
         context.abort(grpc.StatusCode.CANCELLED, f"call cancelled before {work}")
 
 
-class CallGuard(grpc.ServerInterceptor):
-    """Parses requests itself and keeps the in-flight gauge.
+@dataclass(frozen=True)
+class CallLimits:
+    """What :class:`CallGuard` enforces; None: no limit.
 
-    Calls with a stream of requests (reflection) pass through untouched.
+    Attributes:
+        max_calls: calls open at once (max_concurrent_rpcs), streams included.
+        max_working: calls of ``working_methods`` computed at once (max_workers).
+        request_timeout: seconds a call may take to deliver its request message.
+        working_methods: the full method names that need a worker.
+        counted_service: calls of this service are counted in smartbin_requests_total.
     """
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    max_calls: int | None = None
+    max_working: int | None = None
+    request_timeout: float | None = None
+    working_methods: frozenset[str] = field(default_factory=frozenset)
+    counted_service: str = "smartbin.v1.Classifier"
+
+
+class _Places:
+    """A count of places taken, refused beyond ``limit`` (None: no limit)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.limit is not None and self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+
+class _Timer:
+    __slots__ = ("action", "cancelled", "fired")
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
+        self.cancelled = False
+        self.fired = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Watchdog:
+    """Runs an action after a delay unless cancelled first; one thread for every timer."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _Timer]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, delay: float, action: Callable[[], object]) -> _Timer:
+        timer = _Timer(action)
+        with self._changed:
+            due = time.monotonic() + delay
+            heapq.heappush(self._due, (due, next(self._order), timer))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return timer
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._ready():
+                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, timer = heapq.heappop(self._due)
+            if not timer.cancelled:
+                timer.fired = True
+                with contextlib.suppress(Exception):
+                    timer.action()
+
+    def _ready(self) -> bool:
+        """Whether the first timer is due or cancelled (it can go)."""
+        if not self._due:
+            return False
+        due, _, timer = self._due[0]
+        return timer.cancelled or due <= time.monotonic()
+
+
+class CallGuard(grpc.ServerInterceptor):
+    """Admits calls, bounds the wait for their request, parses it, keeps the call gauges and
+    counts every refusal (see the module's docstring).
+
+    Every call is served by a handler that takes its requests as a stream, so that its thread
+    never waits for a request without a time limit. Calls with a stream of requests (reflection)
+    are admitted and counted, and otherwise pass through.
+    """
+
+    def __init__(self, metrics: ServiceMetrics, limits: CallLimits | None = None) -> None:
         self.metrics = metrics
+        self.limits = limits or CallLimits()
+        self._places = _Places(self.limits.max_calls)
+        self._health_places = _Places(HEALTH_PLACES)
+        self._workers = (
+            threading.BoundedSemaphore(self.limits.max_working)
+            if self.limits.max_working is not None
+            else None
+        )
+        self._watchdog = Watchdog() if self.limits.request_timeout is not None else None
+        self._refusers = futures.ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="refuse")
 
     def intercept_service(
         self,
@@ -49,67 +192,212 @@ class CallGuard(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        admit = self._admitter(method, handler.request_deserializer)
+        if handler is None:
+            return None  # gRPC answers UNIMPLEMENTED; no label for a name a caller made up
+        call = _Call(handler_call_details.method)
+        release = self._take_place(call.full)
+        if release is None:
+            self._refused(call, "max_concurrent_rpcs", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return self._refusal(
+                handler,
+                f"Concurrent RPC limit exceeded: {self.limits.max_calls} calls are open already "
+                "(max_concurrent_rpcs); retry later",
+            )
+        self.metrics.open_calls.inc()
+        try:
+            return self._guarded(handler, call, release)
+        except BaseException:
+            release()
+            raise
+
+    def _take_place(self, full: str) -> Callable[[], None] | None:
+        """Take a place for the call; the function that gives it back, or None when full."""
+        places = self._places
+        if full in HEALTH_CALLS and self._health_places.take():
+            places = self._health_places
+        elif not places.take():
+            return None
+        released = threading.Lock()
+
+        def release() -> None:
+            if released.acquire(blocking=False):  # once only
+                places.give_back()
+                self.metrics.open_calls.dec()
+
+        return release
+
+    def _refused(self, call: _Call, reason: str, code: grpc.StatusCode) -> None:
+        self.metrics.refusals.labels(call.name, reason).inc()
+        if call.service == self.limits.counted_service:
+            self.metrics.requests.labels(call.name, code.name).inc()
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
+        """A handler that refuses the call with RESOURCE_EXHAUSTED at once, on the refusal
+        threads: it reads nothing, so it never waits."""
+
+        def refuse(_requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+        # gRPC runs a behaviour with an experimental_thread_pool on that pool.
+        setattr(refuse, "experimental_thread_pool", self._refusers)  # noqa: B010
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                refuse, response_serializer=handler.response_serializer
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            refuse, response_serializer=handler.response_serializer
+        )
+
+    def _guarded(
+        self, handler: grpc.RpcMethodHandler, call: _Call, release: Callable[[], None]
+    ) -> grpc.RpcMethodHandler:
+        if handler.request_streaming:
+            return self._passed_through(handler, release)
+        parse = handler.request_deserializer
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(admit, handler.unary_stream),
-                response_serializer=handler.response_serializer,
+            stream = handler.unary_stream
+
+            def stream_out(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+                try:
+                    request = self._receive(call, requests, context, parse)
+                    with self._working(call, context):
+                        yield from stream(request, context)
+                finally:
+                    release()
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_out, response_serializer=handler.response_serializer
             )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(admit, handler.unary_unary),
-                response_serializer=handler.response_serializer,
+        unary = handler.unary_unary
+        if unary is None:
+            raise TypeError(f"{call.full}: a handler of no kind gRPC knows")
+
+        def unary_out(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            try:
+                request = self._receive(call, requests, context, parse)
+                with self._working(call, context):
+                    return unary(request, context)
+            finally:
+                release()
+
+        return grpc.stream_unary_rpc_method_handler(
+            unary_out, response_serializer=handler.response_serializer
+        )
+
+    @staticmethod
+    def _passed_through(
+        handler: grpc.RpcMethodHandler, release: Callable[[], None]
+    ) -> grpc.RpcMethodHandler:
+        if handler.stream_stream is not None:
+            streams = handler.stream_stream
+
+            def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                try:
+                    yield from streams(requests, context)
+                finally:
+                    release()
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
             )
-        return handler
+        stream_unary = handler.stream_unary
+        if stream_unary is None:
+            raise TypeError("a handler of no kind gRPC knows")
 
-    def _admitter(
-        self, method: str, parse: Callable[[bytes], Any] | None
-    ) -> Callable[[bytes, grpc.ServicerContext], Any]:
-        def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
+        def one_answer(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             try:
-                return parse(raw) if parse else raw
-            except DecodeError as err:
-                self.metrics.requests.labels(method, "INVALID_ARGUMENT").inc()
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a valid {method} request message ({err}): "
-                    "send the message type the .proto names",
-                )
-
-        return admit
-
-    def _unary(
-        self,
-        admit: Callable[[bytes, grpc.ServicerContext], Any],
-        behaviour: Callable[[Any, grpc.ServicerContext], Any],
-    ) -> Callable[[bytes, grpc.ServicerContext], Any]:
-        def unary_unary(raw: bytes, context: grpc.ServicerContext) -> Any:
-            request = admit(raw, context)
-            self.metrics.in_flight.inc()
-            try:
-                return behaviour(request, context)
+                return stream_unary(requests, context)
             finally:
-                self.metrics.in_flight.dec()
+                release()
 
-        return unary_unary
+        return grpc.stream_unary_rpc_method_handler(
+            one_answer, handler.request_deserializer, handler.response_serializer
+        )
 
-    def _stream(
+    def _receive(
         self,
-        admit: Callable[[bytes, grpc.ServicerContext], Any],
-        behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-    ) -> Callable[[bytes, grpc.ServicerContext], Iterator[Any]]:
-        def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-            request = admit(raw, context)
-            self.metrics.in_flight.inc()
-            try:
-                yield from behaviour(request, context)
-            finally:
-                self.metrics.in_flight.dec()
+        call: _Call,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        parse: Callable[[bytes], Any] | None,
+    ) -> Any:
+        """The call's one request message, parsed; aborts the call when it does not come in
+        time, does not come at all, or does not parse."""
+        timeout = self.limits.request_timeout
+        timer = None
+        if self._watchdog is not None and timeout is not None:
+            timer = self._watchdog.schedule(timeout, context.cancel)
+        try:
+            raw = next(requests, None)
+        except grpc.RpcError:  # cancelled: by the caller, or below for taking too long
+            if timer is not None and timer.fired:
+                self._refused(call, "request_timeout", grpc.StatusCode.CANCELLED)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if raw is None:
+            if _ended_by_grpc(context):
+                # gRPC refused the message (larger than max_message_bytes) and told the caller.
+                self._refused(call, "message_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message refused")
+            self._refused(call, "no_request", grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the call ended without a request message: {call.name} takes exactly one",
+            )
+        try:
+            return parse(raw) if parse else raw
+        except DecodeError as err:
+            self._refused(call, "bad_request", grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid {call.name} request message ({err}): "
+                "send the message type the .proto names",
+            )
 
-        return unary_stream
+    @contextlib.contextmanager
+    def _working(self, call: _Call, context: grpc.ServicerContext) -> Iterator[None]:
+        """A worker for the call while the block runs, if its method needs one, waited for up
+        to the call's deadline; the in-flight gauge counts it meanwhile."""
+        workers = self._workers
+        if workers is None or call.full not in self.limits.working_methods:
+            workers = None
+        elif not workers.acquire(timeout=min(context.time_remaining(), threading.TIMEOUT_MAX)):
+            self._refused(call, "worker_wait", grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline passed while the call waited for one of the {self.limits.max_working} "
+                "workers (max_workers)",
+            )
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.in_flight.dec()
+            if workers is not None:
+                workers.release()
+
+
+@dataclass(frozen=True)
+class _Call:
+    full: str  # "/smartbin.v1.Classifier/Classify"
+
+    @property
+    def service(self) -> str:
+        return self.full.strip("/").split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.full.rsplit("/", 1)[-1]
+
+
+def _ended_by_grpc(context: grpc.ServicerContext) -> bool:
+    """Whether gRPC ends the call within a moment, as it does after refusing its message."""
+    ended = threading.Event()
+    if not context.add_callback(ended.set):
+        return True  # over already
+    return ended.wait(GRPC_END_GRACE_SECONDS)
 
 
 class BoundedHealth(health.HealthServicer):
@@ -138,6 +426,20 @@ class BoundedHealth(health.HealthServicer):
             watchers = list(self._watchers)
         for watcher in watchers:
             watcher.close()
+
+    def List(  # noqa: N802 (the gRPC method name)
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every health name set and its status, as Check would answer each (grpcio's servicer
+        leaves List unimplemented, though reflection lists it)."""
+        with self._lock:  # the lock under which grpcio's Check reads the same statuses
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in statuses.items()
+            }
+        )
 
     def Watch(  # noqa: N802 (the gRPC method name)
         self,

@@ -12,6 +12,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     disable_created_metrics,
 )
 
@@ -31,6 +32,9 @@ class ServiceMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_start_time_seconds,
+        # process_open_fds...: the default registry has them, a registry of our own must ask.
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "smartbin_requests",
             "gRPC calls by method and status code",
@@ -98,6 +102,31 @@ class ServiceMetrics:
             "smartbin_model_reloads", "model reloads by outcome", ["outcome"], registry=r
         )
         self.in_flight = Gauge("smartbin_in_flight_requests", "gRPC calls being served", registry=r)
+        # Overload and misbehaving callers (edge_service/guard.py, edge_service/memory.py).
+        self.open_calls = Gauge(
+            "smartbin_open_calls",
+            "gRPC calls holding one of the max_concurrent_rpcs places, streams and calls "
+            "still waiting for their request message included",
+            registry=r,
+        )
+        self.refusals = Counter(
+            "smartbin_refusals",
+            "calls refused before or instead of being served, by method and reason "
+            "(max_concurrent_rpcs, message_too_large, request_timeout, no_request, "
+            "bad_request, worker_wait, decode_budget_busy, decode_budget_exceeded)",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.decode_budget_bytes = Gauge(
+            "smartbin_decode_budget_bytes",
+            "memory all photo decodes may hold at once (decode_budget_bytes)",
+            registry=r,
+        )
+        self.decode_reserved_bytes = Gauge(
+            "smartbin_decode_reserved_bytes",
+            "memory reserved by the photos being decoded or classified now",
+            registry=r,
+        )
         self.build_info = Info(
             "smartbin_build", "versions of the service, API and bundle format", registry=r
         )

@@ -1,6 +1,7 @@
 """Swapping the served model without a restart: checked load, atomic swap, optional folder watch.
 
-A new bundle must pass ``load_bundle`` (manifest, sha256 of the model file), build an interpreter
+A new bundle must pass ``load_bundle`` (manifest, sha256 of the model file) and, where the config
+asks, carry a trusted signature (edge_service/bundle_trust.py), build an interpreter
 whose shapes match the manifest, and answer a smoke inference with finite probabilities over its
 labels; only then does it replace the served model. Calls already running keep the classifier
 object they read, so they finish on the model they started on.
@@ -17,16 +18,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edge_service.bundle_trust import BundleTrust
 from edge_service.metrics import ServiceMetrics
 from smartbin.bundle import BundleError, load_bundle
 from smartbin.model import TFLiteClassifier
 from smartbin.preprocessing import resize_and_crop
+from smartbin.signing import SignatureError
 
 logger = logging.getLogger(__name__)
 
 
 class ReloadError(Exception):
     """A bundle was refused; the message says why. The served model is unchanged."""
+
+
+class UntrustedBundle(ReloadError):
+    """A bundle was refused for its signature (bundle_signing in the config)."""
 
 
 class OutsideReloadDirs(Exception):
@@ -78,14 +85,23 @@ def smoke_test(classifier: TFLiteClassifier) -> None:
         raise ReloadError("smoke inference gave NaN or infinite scores")
 
 
-def load_checked(path: Path, num_threads: int | None, interpreters: int = 1) -> TFLiteClassifier:
-    """Load, verify and smoke-test the bundle at ``path``.
+def load_checked(
+    path: Path, num_threads: int | None, interpreters: int = 1, trust: BundleTrust | None = None
+) -> TFLiteClassifier:
+    """Load, verify (its signature too, under ``trust``) and smoke-test the bundle at ``path``.
 
     Raises:
-        ReloadError: with the reason the bundle cannot be served.
+        ReloadError: with the reason the bundle cannot be served; UntrustedBundle when it is
+            its signature.
     """
     try:
-        classifier = TFLiteClassifier(load_bundle(path), num_threads, interpreters)
+        bundle = trust.load(path) if trust is not None else load_bundle(path)
+    except SignatureError as err:
+        raise UntrustedBundle(str(err)) from err
+    except BundleError as err:
+        raise ReloadError(str(err)) from err
+    try:
+        classifier = TFLiteClassifier(bundle, num_threads, interpreters)
     except BundleError as err:
         raise ReloadError(str(err)) from err
     except (ValueError, RuntimeError) as err:  # the interpreter refuses the model file
@@ -106,10 +122,12 @@ class ModelSlot:
         num_threads: int | None,
         metrics: ServiceMetrics,
         interpreters: int = 1,
+        trust: BundleTrust | None = None,
     ) -> None:
         self.current = classifier
         self._num_threads = num_threads
         self._interpreters = interpreters
+        self._trust = trust
         self._metrics = metrics
         self._lock = threading.Lock()  # one reload at a time
         self._publish(classifier)
@@ -122,9 +140,11 @@ class ModelSlot:
         """
         with self._lock:
             try:
-                classifier = load_checked(path, self._num_threads, self._interpreters)
+                classifier = load_checked(path, self._num_threads, self._interpreters, self._trust)
             except ReloadError as err:
-                self._metrics.reloads.labels("failed").inc()
+                # "untrusted": refused for its signature, which may be someone's attempt.
+                outcome = "untrusted" if isinstance(err, UntrustedBundle) else "failed"
+                self._metrics.reloads.labels(outcome).inc()
                 logger.error("model reload from %s refused: %s", path, err)
                 raise
             old, self.current = self.current, classifier

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from edge_service.bundle_trust import BundleTrust
 from edge_service.capture import CaptureLoop
 from edge_service.classify import Pipeline
 from edge_service.config import ServiceConfig
@@ -35,6 +36,7 @@ class BinRuntime:
         classifier: the model loaded at startup.
         metrics: the service's metrics.
         set_health: called with ``(health name, serving)`` when the camera goes up or down.
+        trust: the bundle_signing policy every reload passes; None: no signature check.
 
     Raises:
         TriggerError: a configured GPIO trigger cannot be set up.
@@ -46,9 +48,11 @@ class BinRuntime:
         classifier: TFLiteClassifier,
         metrics: ServiceMetrics,
         set_health: Callable[[str, bool], None],
+        trust: BundleTrust | None = None,
     ) -> None:
         self.config = config
-        self.models = ModelSlot(classifier, config.num_threads, metrics, config.interpreters)
+        # Reloads pass the same bundle_signing policy as the bundle served at start.
+        self.models = ModelSlot(classifier, config.num_threads, metrics, config.interpreters, trust)
         store = UnsureStore(config.unsure_images) if config.unsure_images else None
         self.pipeline = Pipeline(metrics, config.confidence_threshold, store)
         self.hub = EventHub(config.event_queue_size, config.max_watchers, metrics)

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,20 +23,25 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from PIL import Image
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
+from edge_service.admin import AdminGate, admin_address, admin_port, start_admin_listener
+from edge_service.bundle_trust import BundleTrust
 from edge_service.capture import CameraUnavailable
 from edge_service.classify import Timings, TopKError, check_top_k
 from edge_service.config import ServiceConfig, load_config
 from edge_service.const import API_VERSION, service_version
 from edge_service.events import Event, TooManyWatchers
-from edge_service.guard import BoundedHealth, CallGuard, abort_if_expired
+from edge_service.guard import HEALTH_PLACES, BoundedHealth, CallGuard, CallLimits, abort_if_expired
+from edge_service.logs import rate_limit_repeats
+from edge_service.memory import BudgetBusy, DecodeBudget, Lease, TooLargeForBudget, tune_malloc
 from edge_service.metrics import ServiceMetrics
 from edge_service.reload import OutsideReloadDirs, ReloadError, reload_target
 from edge_service.runtime import BinRuntime
 from edge_service.tls import server_credentials
-from smartbin.bundle import BUNDLE_FORMAT_VERSION, BundleError, load_bundle
+from smartbin.bundle import BUNDLE_FORMAT_VERSION, BundleError
 from smartbin.model import Prediction, TFLiteClassifier
 from smartbin.preprocessing import ImageDecodeError, decode_image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
@@ -106,6 +112,9 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         self.config = config
         self.metrics = metrics
         self.runtime = runtime
+        self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait_seconds)
+        metrics.decode_budget_bytes.set(config.decode_budget_bytes)
+        metrics.decode_reserved_bytes.set_function(lambda: self.decode_budget.used)
 
     @property
     def classifier(self) -> TFLiteClassifier:
@@ -120,28 +129,50 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         classifier = self.classifier
         self._check_top_k(classifier, request.top_k, context)
         started = time.perf_counter()
-        try:
-            image = decode_image(
-                request.image,
-                self.config.max_pixels,
-                min_size=classifier.bundle.preprocessing.resize_size,
+        data = request.image  # each read of the field is a copy of the photo
+        # The photo's decode reserves its memory from the budget all calls share, and its RGB
+        # image stays reserved until the answer is made (edge_service/memory.py).
+        with self.decode_budget.lease(context.time_remaining(), len(data)) as lease:
+            image = self._decode(data, classifier, lease, context)
+            # A large photo can outlast its caller's deadline; then the model need not run.
+            abort_if_expired(context, "inference")
+            answer = self.runtime.pipeline.answer(
+                classifier, image, decode_seconds=time.perf_counter() - started, encoded=data
             )
-        except ImageDecodeError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        # A large photo can outlast its caller's deadline; then the model need not run.
-        abort_if_expired(context, "inference")
-        answer = self.runtime.pipeline.answer(
-            classifier,
-            image,
-            decode_seconds=time.perf_counter() - started,
-            encoded=request.image,
-        )
+            image.close()
         return classifier_pb2.ClassifyResponse(
             predictions=predictions_pb(answer.top(request.top_k)),
             model_version=answer.model_version,
             timings=timings_pb(answer.timings),
             unsure=answer.unsure,
         )
+
+    def _decode(
+        self,
+        data: bytes,
+        classifier: TFLiteClassifier,
+        lease: Lease,
+        context: grpc.ServicerContext,
+    ) -> Image.Image:
+        """The upright RGB photo, within the decode budget; aborts the call when the bytes are
+        not a photo it can classify or the budget has no room for it."""
+        try:
+            image = decode_image(
+                data,
+                self.config.max_pixels,
+                min_size=classifier.bundle.preprocessing.resize_size,
+                admit=lease.admit,
+            )
+        except ImageDecodeError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except TooLargeForBudget as err:  # it would never fit: the caller must send another
+            self.metrics.refusals.labels("Classify", "decode_budget_exceeded").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except BudgetBusy as err:  # the bin is busy: a retry may find room
+            self.metrics.refusals.labels("Classify", "decode_budget_busy").inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        lease.settle()
+        return image
 
     @staticmethod
     def _check_top_k(
@@ -249,6 +280,9 @@ class RunningService:
     metrics: ServiceMetrics
     _http: WSGIServer
     runtime: BinRuntime
+    # The loopback admin listener (edge_service/admin.py) and its port; None when it is off.
+    admin_server: grpc.Server | None = None
+    admin_port: int | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, end event streams and health watches, let calls in flight finish,
@@ -256,7 +290,10 @@ class RunningService:
         self.health.enter_graceful_shutdown()
         self.health.end_watches()
         self.runtime.end_streams()
+        admin_stopped = self.admin_server.stop(grace) if self.admin_server else None
         self.server.stop(grace).wait()
+        if admin_stopped is not None:
+            admin_stopped.wait()
         self.runtime.stop()
         self._http.shutdown()
         self._http.server_close()
@@ -266,11 +303,13 @@ def create_server(config: ServiceConfig) -> RunningService:
     """Load the bundle, bind the gRPC and metrics ports and start serving.
 
     Raises:
-        BundleError: the configured bundle cannot be served.
+        BundleError: the configured bundle cannot be served (SignatureError: its signature is
+            not one bundle_signing accepts, or a trusted key file is unusable).
         ValueError: the TLS files are unreadable or not a certificate and its key.
         OSError: a port is already taken.
     """
-    bundle = load_bundle(config.bundle)
+    trust = BundleTrust.from_config(config.bundle_signing)
+    bundle = trust.load(config.bundle)
     classifier = TFLiteClassifier(bundle, config.num_threads, config.interpreters)
     credentials = server_credentials(config.tls) if config.tls else None
     metrics = ServiceMetrics(camera=config.camera is not None)
@@ -283,7 +322,7 @@ def create_server(config: ServiceConfig) -> RunningService:
     )
     health_servicer = BoundedHealth(config.max_health_watchers)
     runtime = BinRuntime(
-        config, classifier, metrics, functools.partial(set_health, health_servicer)
+        config, classifier, metrics, functools.partial(set_health, health_servicer), trust
     )
     # What is started is undone, last first, if a later step fails.
     with contextlib.ExitStack() as undo:
@@ -292,11 +331,26 @@ def create_server(config: ServiceConfig) -> RunningService:
         undo.callback(http_server.server_close)
         undo.callback(http_server.shutdown)
         servicer = ClassifierServicer(runtime, config, metrics)
-        server = grpc_server(config, metrics, servicer, health_servicer)
+        admin = start_admin_listener(config, metrics, servicer)
+        admin_server, bound_admin_port = admin if admin else (None, None)
+        if admin_server is not None:
+            undo.callback(admin_server.stop, None)
+        # Refusals on the public port name the admin listener, with the port it got.
+        gate = AdminGate(
+            config, metrics, admin_address(config, bound_admin_port) if admin else None
+        )
+        server = grpc_server(config, metrics, servicer, health_servicer, gate)
         port = bind_grpc(server, config, credentials)
         undo.pop_all()
     metrics_port = http_server.server_address[1]
     server.start()
+    if admin_server is not None:
+        admin_server.start()
+        # Before the "serving" line: whoever waits for that line finds this one too.
+        logger.info(
+            "admin calls (ReloadModel) on %s, plaintext, for this machine only",
+            admin_address(config, bound_admin_port),
+        )
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     runtime.start()
@@ -309,7 +363,16 @@ def create_server(config: ServiceConfig) -> RunningService:
         metrics_port,
     )
     return RunningService(
-        server, port, metrics_port, health_servicer, servicer, metrics, http_server, runtime
+        server,
+        port,
+        metrics_port,
+        health_servicer,
+        servicer,
+        metrics,
+        http_server,
+        runtime,
+        admin_server=admin_server,
+        admin_port=bound_admin_port,
     )
 
 
@@ -332,16 +395,24 @@ def grpc_server(
     metrics: ServiceMetrics,
     servicer: ClassifierServicer,
     health_servicer: BoundedHealth,
+    admin_gate: AdminGate | None = None,
 ) -> grpc.Server:
-    """The gRPC server with the classifier, health and reflection services, not yet bound."""
+    """The gRPC server with the classifier, health and reflection services, not yet bound.
+
+    ``admin_gate`` (default: one for ``config``) refuses admin calls (ReloadModel) to all but
+    allowed mutual-TLS clients."""
+    gate = admin_gate or AdminGate(config, metrics, None)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers),
-        interceptors=[CallGuard(metrics)],
+        # A thread for every call CallGuard admits, so that none waits for one (a call that
+        # holds its thread waiting for its request message holds no other caller up); the
+        # computing is bounded by max_workers, and CallGuard refuses beyond max_concurrent_rpcs.
+        futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + HEALTH_PLACES),
+        interceptors=[CallGuard(metrics, call_limits(config)), gate],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_calls_per_connection),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -354,6 +425,22 @@ def grpc_server(
         server,
     )
     return server
+
+
+def call_limits(config: ServiceConfig) -> CallLimits:
+    """What the public port's CallGuard enforces: the Classifier's unary calls need a worker."""
+    service = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+    return CallLimits(
+        max_calls=config.max_concurrent_rpcs,
+        max_working=config.max_workers,
+        request_timeout=config.request_timeout_seconds,
+        working_methods=frozenset(
+            f"/{SERVICE_NAME}/{method.name}"
+            for method in service.methods
+            if not method.server_streaming
+        ),
+        counted_service=SERVICE_NAME,
+    )
 
 
 def bind_grpc(
@@ -413,18 +500,42 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas)
 
 
+def exit_by(deadline: float) -> None:
+    """End the process at ``deadline`` (time.monotonic) if it has not ended by then.
+
+    After the grace, gRPC cancels the calls still running, but their threads go on until their
+    work is done (a 40-megapixel PNG decodes for seconds) and the interpreter waits for them
+    before it exits: without this the service outlived its grace by 4-6 s.
+    """
+
+    def watch() -> None:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        logger.warning("calls still running after the grace: exiting without them")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-by", daemon=True).start()
+
+
+# How long after the grace the process may take to end; then it is ended.
+STOP_MARGIN_SECONDS = 0.5
+
+
 def main(argv: list[str] | None = None) -> None:
     limit_malloc_arenas()  # before any worker thread allocates
+    tune_malloc()
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    rate_limit_repeats()  # a repeated error is logged once a minute, with a count
     # Handlers go in first so a SIGTERM during start-up still ends in an orderly stop.
     stop_requested = threading.Event()
-    received: list[int] = []
+    received: list[tuple[int, float]] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
+        received.append((signum, time.monotonic()))
         stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -439,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
             num_threads=args.num_threads,
         )
         if args.validate_config:
-            load_bundle(config.bundle)
+            BundleTrust.from_config(config.bundle_signing).load(config.bundle)
+            admin_port(config)
             if config.tls:
                 server_credentials(config.tls)
             print("configuration and bundle are valid")
@@ -455,8 +567,10 @@ def main(argv: list[str] | None = None) -> None:
     while not stop_requested.wait(timeout=0.5):
         pass
     # Health turns NOT_SERVING first, then calls in flight get the grace period to finish.
+    signum, signalled = received[0]
+    exit_by(signalled + config.grace_seconds + STOP_MARGIN_SECONDS)
     logger.info(
-        "signal %d: draining calls in flight for up to %.1f s", received[0], config.grace_seconds
+        "signal %d: draining calls in flight for up to %.1f s", signum, config.grace_seconds
     )
     service.stop(config.grace_seconds)
     logger.info("stopped")

@@ -4,18 +4,25 @@ edge tests run with them in the edge-only environment (make test-edge)."""
 from __future__ import annotations
 
 import ast
+import datetime
 import io
+import ipaddress
 import json
 import shutil
 import socket
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from PIL import Image
 
 from edge_service.config import ServiceConfig
@@ -116,3 +123,73 @@ def modules_imported_by(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return names
+
+
+# Certificates for the TLS and admin tests: a CA in a folder, and the server and client
+# certificates it signs.
+
+
+@dataclass
+class Issued:
+    cert: Path
+    key: Path
+
+
+def certificate_for(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+class Authority:
+    """A certificate authority in a folder: it signs server and client certificates."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.name = subject
+        self.cert = (
+            certificate_for(subject, subject, self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_path = folder / f"{name}.pem"
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, name: str, server: bool, alt_names: tuple[str, ...] = ()) -> Issued:
+        """A certificate with common name ``name``: a server's names localhost and 127.0.0.1,
+        a client's the DNS names ``alt_names`` (subject alternative names)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            certificate_for(subject, self.name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        names: list[x509.GeneralName] = [x509.DNSName(alt) for alt in alt_names]
+        if server:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        issued = Issued(self.folder / f"{name}.crt", self.folder / f"{name}.key")
+        issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        issued.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return issued

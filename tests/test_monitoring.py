@@ -119,10 +119,11 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_edge(port: int, metrics_port: int, work: Path) -> subprocess.Popen:
+def start_edge(port: int, metrics_port: int, admin_port: int, work: Path) -> subprocess.Popen:
     """``smartbin-serve`` with the image's config (default bundle, replay camera) on loopback."""
     config = yaml.safe_load((DEPLOY / "edge" / "config.yaml").read_text())
     config["camera"]["folder"] = str(SAMPLES_DIR)  # the photos the image copies to that folder
+    config["admin"]["port"] = admin_port  # the loopback listener where ReloadModel is served
     config.update(
         host="127.0.0.1",
         port=port,
@@ -180,14 +181,19 @@ def start_agent(metrics_port: int, central_port: int, port: int, work: Path) -> 
     )
 
 
-def classify_round(stub: classifier_pb2_grpc.ClassifierStub, images: list[Path]) -> None:
-    """What a bin's day is made of: uploads, a bad upload, a camera photo and a model reload."""
+def classify_round(
+    stub: classifier_pb2_grpc.ClassifierStub,
+    admin: classifier_pb2_grpc.ClassifierStub,
+    images: list[Path],
+) -> None:
+    """What a bin's day is made of: uploads, a bad upload, a camera photo and a model reload
+    (by an operator, on the admin listener)."""
     for image in images:
         stub.Classify(classifier_pb2.ClassifyRequest(image=image.read_bytes()), timeout=10)
     with pytest.raises(grpc.RpcError):
         stub.Classify(classifier_pb2.ClassifyRequest(image=b"not a photo"), timeout=10)
     stub.Capture(classifier_pb2.CaptureRequest(), timeout=10)
-    stub.ReloadModel(classifier_pb2.ReloadModelRequest(), timeout=60)
+    admin.ReloadModel(classifier_pb2.ReloadModelRequest(), timeout=60)
 
 
 def counted_for_every_bin(api: Prometheus, calls: int) -> bool:
@@ -200,8 +206,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """An edge service, a central Prometheus and an agent, with a few calls already counted."""
     tool("prometheus")
     work = tmp_path_factory.mktemp("fleet")
-    port, metrics_port, central_port, agent_port = (free_port() for _ in range(4))
-    processes = [start_edge(port, metrics_port, work)]
+    port, metrics_port, central_port, agent_port, admin_port = (free_port() for _ in range(5))
+    processes = [start_edge(port, metrics_port, admin_port, work)]
     try:
         wait_for(lambda: check(f"127.0.0.1:{port}", timeout=1)[0], "the edge service")
         processes.append(start_central(metrics_port, central_port, work))
@@ -211,10 +217,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
         wait_for(lambda: ready(f"http://127.0.0.1:{agent_port}"), "the Prometheus agent")
         # Two rounds with scrapes between them, so every rate has two samples to compare.
         images = sorted(SAMPLES_DIR.glob("*.jpg"))
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            grpc.insecure_channel(f"127.0.0.1:{admin_port}") as admin_channel,
+        ):
             stub = classifier_pb2_grpc.ClassifierStub(channel)
+            admin = classifier_pb2_grpc.ClassifierStub(admin_channel)
             for calls in (len(images), 2 * len(images)):
-                classify_round(stub, images)
+                classify_round(stub, admin, images)
                 wait_for(
                     lambda calls=calls: counted_for_every_bin(api, calls),
                     f"{calls} calls counted for both bins",

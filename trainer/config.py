@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import difflib
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -48,6 +48,12 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, description="peak learning rate of the new head")
     body_lr: float = Field(3e-4, ge=0, description="peak learning rate of the body")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="under torchrun, how --lr and --body-lr follow the effective batch "
+        "(batch size x processes): none keeps them, linear multiplies them by the process "
+        "count, sqrt by its square root",
+    )
     weight_decay: float = Field(0.02, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from trainer import distributed
 from trainer.model import PixelClassifier
 
 # Symmetric int8 weights use -127..127 (the converter's recipe), activations -128..127.
@@ -158,6 +159,24 @@ def start_rounding(
                 break
     for hook in ranges:
         hook.enabled = True
+
+
+def pool_ranges(ranges: list[ActivationRange]) -> None:
+    """Among several processes, make the ranges each recorded on its own batches those of all
+    their batches (the means weighted by images), so that every process rounds alike; nothing
+    in a single process."""
+    recorded = [hook for hook in ranges if not hook.fixed]
+    if not distributed.active() or not recorded:
+        return
+    sums = distributed.sum_across(
+        [v for hook in recorded for v in (hook.low * hook.images, hook.high * hook.images)]
+        + [float(hook.images) for hook in recorded]
+    )
+    images = sums[2 * len(recorded) :]
+    for i, hook in enumerate(recorded):
+        count = max(images[i], 1.0)
+        hook.low, hook.high = sums[2 * i] / count, sums[2 * i + 1] / count
+        hook.images = int(images[i])
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

@@ -3,6 +3,9 @@
 Every run writes a folder: args.yaml, split.json (with its fingerprint), summary.csv (one row per
 epoch), curves.png, confusion_*.png, report.json and checkpoint.pt. The checkpoint carries the
 class list, the preprocessing and the split, so the converter needs nothing else.
+
+Under ``torchrun`` the same command trains in several processes (trainer/distributed.py); rank 0
+writes the run folder, and its checkpoint is the one a single process would have written.
 """
 
 from __future__ import annotations
@@ -23,16 +26,18 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from smartbin.preprocessing import Preprocessing, decode_image
+from trainer import distributed
 from trainer.config import ConfigError, TrainConfig, add_arguments
 from trainer.data import SPLITS, Sample, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
+from trainer.distributed import Ranks
 from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
 from trainer.model import PixelClassifier, create_classifier, default_preprocessing
-from trainer.qat import attach_fake_quant, plain_state_dict, start_rounding
+from trainer.qat import attach_fake_quant, plain_state_dict, pool_ranges, start_rounding
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +114,11 @@ def _limit(samples: list[Sample], per_class: int | None) -> list[Sample]:
     return kept
 
 
-def make_optimizer(model: PixelClassifier, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two parameter groups: the body at ``body_lr``, the new head at ``lr``.
+def make_optimizer(
+    model: PixelClassifier, config: TrainConfig, factor: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW with two parameter groups: the body at ``body_lr``, the new head at ``lr`` (both
+    times ``factor``, the learning-rate scaling of a run in several processes).
 
     Both groups hold ``lr``; the body's ``lr_scale``, by which timm's schedulers multiply every
     value they set, brings it to ``body_lr``, so that one schedule serves both groups.
@@ -120,8 +128,8 @@ def make_optimizer(model: PixelClassifier, config: TrainConfig) -> torch.optim.O
     body = [p for p in model.parameters() if id(p) not in head_ids]
     return torch.optim.AdamW(
         [
-            {"params": body, "lr": config.lr, "lr_scale": config.body_lr / config.lr},
-            {"params": head, "lr": config.lr},
+            {"params": body, "lr": config.lr * factor, "lr_scale": config.body_lr / config.lr},
+            {"params": head, "lr": config.lr * factor},
         ],
         weight_decay=config.weight_decay,
     )
@@ -188,12 +196,15 @@ def train_one_epoch(
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; ``updates`` counts the optimizer updates before it.
 
+    In several processes ``model`` is the DistributedDataParallel one, the average follows the
+    plain model inside it, and the figures are those of every process's images together.
+
     Returns:
-        The epoch's figures (with ``lr``, the head's learning rate at its last update) and the
-        count of updates after it.
+        The epoch's figures (with ``lr``, the head's learning rate at its last update, and
+        ``images``, the count trained on) and the count of updates after it.
     """
     model.train()
-    total, correct, loss_sum, lr = 0, 0, 0.0, 0.0
+    total, correct, loss_sum, lr = 0.0, 0.0, 0.0, 0.0
     for inputs, targets in progress(loader):
         inputs = inputs.to(device, non_blocking=True, memory_format=torch.channels_last)
         targets = targets.to(device)
@@ -207,11 +218,13 @@ def train_one_epoch(
         updates += 1
         scheduler.step_update(updates)  # the learning rates of the next update
         if ema is not None:
-            ema.update(model, step=updates)  # its decay warms up over the first updates
+            ema.update(distributed.unwrap(model), step=updates)  # its decay warms up
         total += len(targets)
         correct += int((logits.argmax(1) == targets).sum())
         loss_sum += loss.item() * len(targets)
-    return {"train_loss": loss_sum / total, "train_accuracy": correct / total, "lr": lr}, updates
+    loss_sum, correct, total = distributed.sum_across([loss_sum, correct, total])
+    figures = {"train_loss": loss_sum / total, "train_accuracy": correct / total, "lr": lr}
+    return {**figures, "images": total}, updates
 
 
 def _progress(desc: str) -> Progress:
@@ -242,13 +255,15 @@ def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
 
 
 class RunLog:
-    """summary.csv rows, and MLflow when available and wanted."""
+    """summary.csv rows, and MLflow when available and wanted; a log that does not ``write``
+    (that of a process other than rank 0) only keeps its rows."""
 
-    def __init__(self, folder: Path, config: TrainConfig) -> None:
+    def __init__(self, folder: Path, config: TrainConfig, write: bool = True) -> None:
         self.folder = folder
+        self.write = write
         self.rows: list[dict[str, float]] = []
         self.mlflow = None
-        if config.mlflow:
+        if config.mlflow and write:
             try:
                 import mlflow
             except ImportError:
@@ -267,6 +282,8 @@ class RunLog:
 
     def epoch(self, row: dict[str, float]) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         with (self.folder / "summary.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             writer.writeheader()
@@ -277,6 +294,8 @@ class RunLog:
             )
 
     def finish(self, metrics: dict[str, float]) -> None:
+        if not self.write:
+            return
         _plot_curves(self.rows, self.folder / "curves.png")
         if self.mlflow:
             self.mlflow.log_metrics(metrics)
@@ -326,12 +345,25 @@ def build_student(
     return model
 
 
-def train_loader(samples: list[Sample], size: int, config: TrainConfig, cuda: bool) -> DataLoader:
+def train_loader(
+    samples: list[Sample], size: int, config: TrainConfig, cuda: bool, ranks: Ranks | None = None
+) -> DataLoader:
+    """Shuffled batches of augmented training photos; among several processes, each takes its
+    own share of every epoch (a ``DistributedSampler`` seeded alike on all of them, padded so
+    that every process has as many batches)."""
+    images = TrainImages(samples, size)
+    sampler: DistributedSampler[tuple[torch.Tensor, int]] | None = None
+    if ranks is not None and ranks.distributed:
+        sampler = DistributedSampler(
+            images, ranks.world_size, ranks.rank, shuffle=True, seed=config.seed
+        )
+    count = len(sampler) if sampler is not None else len(samples)
     return DataLoader(
-        TrainImages(samples, size),
+        images,
         batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(samples) > config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=count > config.batch_size,
         num_workers=config.workers,
         persistent_workers=config.workers > 0,
         pin_memory=cuda,
@@ -347,6 +379,27 @@ class Best:
     state: dict[str, torch.Tensor] | None = None
 
 
+def _val_accuracy(
+    model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> float:
+    return float((predict(model, val[0], device).argmax(1) == val[1].numpy()).mean())
+
+
+def _epoch_row(
+    row: dict[str, float],
+    evaluated: nn.Module,
+    val: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    epoch: int,
+    started: float,
+) -> dict[str, float]:
+    """The epoch's figures with val accuracy, measured by rank 0 and given to every process."""
+    if distributed.is_main():
+        accuracy = _val_accuracy(evaluated, val, device)
+        row.update(epoch=epoch, val_accuracy=accuracy, seconds=time.time() - started)
+    return distributed.from_main(row)
+
+
 def fit(
     model: PixelClassifier,
     loader: DataLoader,
@@ -357,28 +410,33 @@ def fit(
     config: TrainConfig,
 ) -> Best:
     """Train up to ``config.epochs``, stopping early on val accuracy or the time limit; the model
-    is left with the best epoch's weights."""
-    optimizer = make_optimizer(model, config)
+    is left with the best epoch's weights.
+
+    Among several processes the model trains inside DistributedDataParallel at the learning
+    rates of ``--lr-scaling``; rank 0's epoch row and time-limit decision are every process's,
+    so that all of them stop after the same epoch and keep the same one's weights.
+    """
+    factor = distributed.lr_factor(config.lr_scaling, distributed.world_size())
+    optimizer = make_optimizer(model, config, factor)
     scheduler = lr_schedule(
         optimizer, config.epochs * len(loader), config.warmup_epochs * len(loader)
     )
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    trained = distributed.wrap(model, device)
     deadline = time.time() + 60 * config.max_minutes if config.max_minutes else math.inf
     best = Best()
     updates = 0
     for epoch in range(1, config.epochs + 1):
         started = time.time()
-        progress = _progress(f"epoch {epoch}/{config.epochs}")
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)  # each process's share changes every epoch
+        progress = _progress(f"epoch {epoch}/{config.epochs}") if distributed.is_main() else iter
         row, updates = train_one_epoch(
-            model, loader, optimizer, scheduler, loss_fn, device, progress, ema, updates
+            trained, loader, optimizer, scheduler, loss_fn, device, progress, ema, updates
         )
+        row["images_per_second"] = row["images"] / (time.time() - started)
         evaluated = ema.module if ema is not None else model
-        val_probs = predict(evaluated, val[0], device)
-        row.update(
-            epoch=epoch,
-            val_accuracy=float((val_probs.argmax(1) == val[1].numpy()).mean()),
-            seconds=time.time() - started,
-        )
+        row = _epoch_row(row, evaluated, val, device, epoch, started)
         log.epoch(row)
         logger.info("epoch %d: %s", epoch, {k: float(f"{v:.4g}") for k, v in row.items()})
         if row["val_accuracy"] > best.accuracy:
@@ -387,7 +445,7 @@ def fit(
         elif epoch - best.epoch >= config.patience:
             logger.info("no better val accuracy for %d epochs: stopping", config.patience)
             break
-        if time.time() > deadline:
+        if distributed.from_main(time.time() > deadline):
             logger.info("time limit of %s minutes reached: stopping", config.max_minutes)
             break
     if best.state is not None:  # None only if no epoch ran, which parse_args rules out
@@ -416,49 +474,62 @@ def evaluate_sides(
     return reports
 
 
-def run(config: TrainConfig) -> Path:
-    """Train, evaluate on val and test, write the run folder; returns the checkpoint path."""
-    torch.manual_seed(config.seed)
-    device = choose_device(config.device)
-    classes, manifest, split = load_split(config)
-    spec = default_preprocessing(config.arch, config.img_size)
-    folder = config.out / (config.name or f"{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "args.yaml").write_text(config.to_yaml())
-    (folder / "split.json").write_text(json.dumps(manifest, indent=1))
+def _open_folder(config: TrainConfig, manifest: dict[str, Any], ranks: Ranks) -> Path:
+    """The run folder (named by rank 0, for every process), written by rank 0."""
+    name = config.name or f"{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = config.out / distributed.from_main(name)
+    if ranks.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "args.yaml").write_text(config.to_yaml())
+        (folder / "split.json").write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def _log_processes(config: TrainConfig, ranks: Ranks, device: torch.device) -> None:
+    """Say how a run in several processes batches and at which learning rates."""
+    if not ranks.distributed:
+        return
+    factor = distributed.lr_factor(config.lr_scaling, ranks.world_size)
     logger.info(
-        "classes %s; train %d, val %d, test %d images; %s on %s",
-        classes,
-        len(split.train),
-        len(split.val),
-        len(split.test),
-        config.arch,
-        device,
+        "%d processes (%s): batch %d per process, effective batch %d; peak learning rates "
+        "%.3g (head) and %.3g (body): the recipe's times %.3g (--lr-scaling %s)",
+        ranks.world_size,
+        "NCCL" if device.type == "cuda" else "gloo",
+        config.batch_size,
+        config.batch_size * ranks.world_size,
+        config.lr * factor,
+        config.body_lr * factor,
+        factor,
+        config.lr_scaling,
     )
 
-    fingerprint = manifest["fingerprint"]
-    model = build_student(config, classes, spec, fingerprint)
-    # Channels-last runs the depthwise convolutions a third faster on CPU (and suits GPUs too).
-    model.to(device).to(memory_format=torch.channels_last)
+
+def _objective(
+    config: TrainConfig, classes: list[str], fingerprint: str, device: torch.device
+) -> Objective:
+    """The loss: label-smoothed cross-entropy, mixed with the teachers' answers if any."""
     teachers = None
     if config.teacher:
         teachers = Teachers([load_checkpoint(p, classes, fingerprint) for p in config.teacher])
         teachers.to(device).to(memory_format=torch.channels_last)
-    loss_fn = Objective(
+    return Objective(
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         teachers,
         config.distill_weight,
         config.distill_temperature,
     )
-    log = RunLog(folder, config)
-    loader = train_loader(split.train, spec.input_size, config, device.type == "cuda")
-    if config.qat:
-        start_rounding(model, attach_fake_quant(model), loader, device)
-    best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, config)
 
-    kind = "simulated int8" if config.qat else "float"
-    reports = evaluate_sides(model, split, spec, classes, device, folder, kind)
-    checkpoint = folder / "checkpoint.pt"
+
+def _save(
+    model: PixelClassifier,
+    config: TrainConfig,
+    classes: list[str],
+    spec: Preprocessing,
+    manifest: dict[str, Any],
+    best: Best,
+    reports: dict[str, dict[str, Any]],
+    checkpoint: Path,
+) -> None:
     torch.save(
         {
             "arch": config.arch,
@@ -474,19 +545,76 @@ def run(config: TrainConfig) -> Path:
         },
         checkpoint,
     )
-    log.finish({"best_val_accuracy": best.accuracy, "test_accuracy": reports["test"]["accuracy"]})
+
+
+def run(config: TrainConfig) -> Path:
+    """Train, evaluate on val and test, write the run folder; returns the checkpoint path.
+
+    Under torchrun every process runs this and returns the path rank 0 wrote, once it is there.
+    """
+    ranks = Ranks.from_environment()
+    if ranks.distributed:
+        device = distributed.rank_device(config.device, ranks.local_rank)
+    else:
+        device = choose_device(config.device)
+    with distributed.process_group(ranks, device):
+        return _train(config, ranks, device)
+
+
+def _train(config: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
+    torch.manual_seed(config.seed)
+    classes, manifest, split = load_split(config)
+    fingerprint = manifest["fingerprint"]
+    distributed.agree(fingerprint, "split fingerprint")
+    spec = default_preprocessing(config.arch, config.img_size)
+    folder = _open_folder(config, manifest, ranks)
     logger.info(
-        "best epoch %d: val %.4f, test %.4f -> %s",
-        best.epoch,
-        best.accuracy,
-        reports["test"]["accuracy"],
-        checkpoint,
+        "classes %s; train %d, val %d, test %d images; %s on %s",
+        classes,
+        len(split.train),
+        len(split.val),
+        len(split.test),
+        config.arch,
+        device,
     )
+    _log_processes(config, ranks, device)
+
+    model = build_student(config, classes, spec, fingerprint)
+    # Channels-last runs the depthwise convolutions a third faster on CPU (and suits GPUs too).
+    model.to(device).to(memory_format=torch.channels_last)
+    loss_fn = _objective(config, classes, fingerprint, device)
+    log = RunLog(folder, config, write=ranks.main)
+    if ranks.distributed:  # the same start everywhere, then each process its own augmentation
+        torch.manual_seed(config.seed + ranks.rank)
+    loader = train_loader(split.train, spec.input_size, config, device.type == "cuda", ranks)
+    if config.qat:
+        ranges = attach_fake_quant(model)
+        start_rounding(model, ranges, loader, device)
+        pool_ranges(ranges)
+    best = fit(model, loader, eval_tensor(split.val, spec), loss_fn, device, log, config)
+
+    checkpoint = folder / "checkpoint.pt"
+    if ranks.main:
+        kind = "simulated int8" if config.qat else "float"
+        reports = evaluate_sides(model, split, spec, classes, device, folder, kind)
+        _save(model, config, classes, spec, manifest, best, reports, checkpoint)
+        test_accuracy = reports["test"]["accuracy"]
+        log.finish({"best_val_accuracy": best.accuracy, "test_accuracy": test_accuracy})
+        logger.info(
+            "best epoch %d: val %.4f, test %.4f -> %s",
+            best.epoch,
+            best.accuracy,
+            test_accuracy,
+            checkpoint,
+        )
+    distributed.barrier()  # the checkpoint is written when any process returns its path
     return checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ranks = Ranks.from_environment()
+    where = f"[rank {ranks.rank}/{ranks.world_size}] " if ranks.distributed else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {where}%(message)s")
     run(parse_args(argv))
 
 

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The Ed25519 signature beside the manifest, when the bundle is signed (smartbin.signing).
+SIGNATURE_NAME = "signature.json"
 
 
 class BundleError(Exception):
@@ -136,6 +138,16 @@ def read_manifest(folder: Path) -> Manifest:
     Raises:
         BundleError: with a message saying what is wrong and where.
     """
+    return read_manifest_json(folder)[1]
+
+
+def read_manifest_json(folder: Path) -> tuple[dict[str, Any], Manifest]:
+    """``folder``'s manifest.json read once: the JSON object as parsed (what a signature
+    covers) and the :class:`Manifest` validated from it.
+
+    Raises:
+        BundleError: with a message saying what is wrong and where.
+    """
     manifest_path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a folder: a bundle is a folder holding {MANIFEST_NAME}")
@@ -149,13 +161,15 @@ def read_manifest(folder: Path) -> Manifest:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
-    if isinstance(data, dict) and data.get("format_version", 1) != BUNDLE_FORMAT_VERSION:
+    if not isinstance(data, dict):
+        raise BundleError(f"{manifest_path} is not a valid manifest: a JSON object is expected")
+    if data.get("format_version", 1) != BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"bundle format {data['format_version']!r} is not supported (this code reads "
             f"format {BUNDLE_FORMAT_VERSION})"
         )
     try:
-        return Manifest.model_validate(data)
+        return data, Manifest.model_validate(data)
     except ValidationError as err:
         raise BundleError(
             f"{manifest_path} is not a valid manifest: {_validation_message(err)}"
@@ -192,9 +206,13 @@ def write_bundle(
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Write a bundle folder (model.tflite + manifest.json) and return it verified."""
+    """Write a bundle folder (model.tflite + manifest.json) and return it verified.
+
+    A signature already in the folder is removed: it vouched for the manifest being replaced
+    (sign the new one with :func:`smartbin.signing.sign_bundle`)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    (out / SIGNATURE_NAME).unlink(missing_ok=True)
     model_path = out / "model.tflite"
     model_path.write_bytes(model)
     manifest = Manifest(

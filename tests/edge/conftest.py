@@ -43,3 +43,11 @@ def service(
 def channel(service: RunningService) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{service.port}") as chan:
         yield chan
+
+
+@pytest.fixture
+def admin_channel(service: RunningService) -> Iterator[grpc.Channel]:
+    """The service's admin listener (loopback): where ReloadModel is served without a client
+    certificate."""
+    with grpc.insecure_channel(f"127.0.0.1:{service.admin_port}") as chan:
+        yield chan

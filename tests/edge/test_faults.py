@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.service import spawn_service
 
 GRACE_SECONDS = 8.0
+ADMIN_LINE = re.compile(r"admin calls \(ReloadModel\) on (\S+),")
 SLOW_CALLS = 4
 
 
@@ -328,7 +330,10 @@ def test_damaged_bundles_offered_for_reload_are_refused_under_load(
     config = write_config(tmp_path, default_bundle, reload_dirs=[str(tmp_path)])
     server = spawn_service(["--config", str(config)], cwd=tmp_path)
     channel = grpc.insecure_channel(server.target)
-    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    # ReloadModel goes to the admin listener, whose port the service logs before it serves.
+    (admin_target,) = (m[1] for m in map(ADMIN_LINE.search, server.log) if m)
+    admin_channel = grpc.insecure_channel(admin_target)
+    stub = classifier_pb2_grpc.ClassifierStub(admin_channel)
     try:
         load = Load(channel, a_photo())
         offers = [
@@ -358,6 +363,7 @@ def test_damaged_bundles_offered_for_reload_are_refused_under_load(
         assert server.stop() == 0
     finally:
         channel.close()
+        admin_channel.close()
         server.stop()
     assert codes and set(codes) == {grpc.StatusCode.OK}, f"{len(codes)} calls: {set(codes)}"
     assert load.versions == {default_loaded.version, "v2"}

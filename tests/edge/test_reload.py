@@ -50,6 +50,12 @@ def stub(channel: grpc.Channel) -> classifier_pb2_grpc.ClassifierStub:
     return classifier_pb2_grpc.ClassifierStub(channel)
 
 
+@pytest.fixture
+def admin(admin_channel: grpc.Channel) -> classifier_pb2_grpc.ClassifierStub:
+    """ReloadModel changes the bin: it goes to the admin listener (tests/edge/test_admin.py)."""
+    return classifier_pb2_grpc.ClassifierStub(admin_channel)
+
+
 def classify(
     stub: classifier_pb2_grpc.ClassifierStub, photo: Path
 ) -> classifier_pb2.ClassifyResponse:
@@ -83,12 +89,13 @@ def float_twin(default_loaded: Bundle, tmp_path: Path) -> Bundle:
 def test_reload_swaps_in_a_checked_bundle(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
+    admin: classifier_pb2_grpc.ClassifierStub,
     default_loaded: Bundle,
     float_twin: Bundle,
 ) -> None:
     photo = sample_of(default_loaded.labels[0])
     before = classify(stub, photo)
-    info = stub.ReloadModel(
+    info = admin.ReloadModel(
         classifier_pb2.ReloadModelRequest(bundle_path=str(float_twin.path)), timeout=30
     )
     assert info.model_version == "float32-twin"
@@ -107,7 +114,7 @@ def test_reload_swaps_in_a_checked_bundle(
     assert 'smartbin_model_reloads_total{outcome="success"} 1.0' in text
     assert 'version="float32-twin"' in text and 'quantization="float32"' in text
     # An empty path reloads the configured bundle folder.
-    info = stub.ReloadModel(classifier_pb2.ReloadModelRequest(), timeout=30)
+    info = admin.ReloadModel(classifier_pb2.ReloadModelRequest(), timeout=30)
     assert info.model_version == default_loaded.version
     assert info.model_sha256 == default_loaded.sha256
     again = classify(stub, photo)
@@ -146,6 +153,7 @@ def no_manifest(bundle: Path) -> None:
 def test_a_bad_bundle_is_refused_and_the_old_model_keeps_serving(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
+    admin: classifier_pb2_grpc.ClassifierStub,
     default_bundle: Path,
     default_loaded: Bundle,
     tmp_path: Path,
@@ -155,7 +163,7 @@ def test_a_bad_bundle_is_refused_and_the_old_model_keeps_serving(
     bad = copy_bundle(default_bundle, tmp_path / "bad", version="broken")
     damage(bad)
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(bad)), timeout=30)
+        admin.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(bad)), timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason in caught.value.details()
     assert f"model {default_loaded.version} keeps serving" in caught.value.details()
@@ -172,7 +180,7 @@ def test_reload_loads_only_from_the_bundle_folders(default_bundle: Path, tmp_pat
     (bundles / "link").symlink_to(elsewhere)
     running = create_server(local_config(served))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{running.admin_port}") as channel:
             stub = classifier_pb2_grpc.ClassifierStub(channel)
             for offered in (str(elsewhere), "../elsewhere/v2", "link", "/etc"):
                 with pytest.raises(grpc.RpcError) as caught:
@@ -194,6 +202,7 @@ def test_reload_loads_only_from_the_bundle_folders(default_bundle: Path, tmp_pat
 def test_a_call_in_flight_finishes_on_the_model_it_started_on(
     service: RunningService,
     stub: classifier_pb2_grpc.ClassifierStub,
+    admin: classifier_pb2_grpc.ClassifierStub,
     default_bundle: Path,
     default_loaded: Bundle,
     tmp_path: Path,
@@ -204,7 +213,7 @@ def test_a_call_in_flight_finishes_on_the_model_it_started_on(
         held = old._idle.get()  # hold the old interpreter: the call stops just before invoke
         in_flight = pool.submit(classify, stub, a_photo())
         time.sleep(0.5)  # it has read the model, decoded and preprocessed by now
-        stub.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(new)), timeout=30)
+        admin.ReloadModel(classifier_pb2.ReloadModelRequest(bundle_path=str(new)), timeout=30)
         assert classify(stub, a_photo()).model_version == "v2"
         assert not in_flight.done()
         old._idle.put(held)
@@ -263,7 +272,9 @@ def test_a_new_category_is_served_after_a_reload_with_no_code_change(
             stub = classifier_pb2_grpc.ClassifierStub(channel)
             assert classify(stub, photo).predictions[0].label == renamed  # before the reload
             request = classifier_pb2.ReloadModelRequest(bundle_path=str(bundle))
-            info = stub.ReloadModel(request, timeout=60)
+            with grpc.insecure_channel(f"127.0.0.1:{running.admin_port}") as admin_channel:
+                admin = classifier_pb2_grpc.ClassifierStub(admin_channel)
+                info = admin.ReloadModel(request, timeout=60)
             assert list(info.labels) == labels
             assert info.model_version == version
             event = stub.Capture(classifier_pb2.CaptureRequest(top_k=1), timeout=10)

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
-from helpers import open_float_twin
+from helpers import copy_bundle, open_float_twin
+from tiny import signing_keys
 
-from converter.convert import ParityError, check_parity
+from converter.convert import ParityError, check_parity, main
 from smartbin.bundle import load_bundle
+from smartbin.signing import SignatureError, load_trusted_keys, verify_bundle
 from smartbin_tools.compare import bundle_row, markdown
 
 
@@ -86,3 +88,44 @@ def test_compare_reports_accuracy_size_and_latency(tiny_bundle: Path) -> None:
     assert row["int8_mb"] == report["model_bytes"]["int8"] / 1e6
     assert row["int8_ms_1t"] > 0 and row["int8_ms_2t"] > 0
     assert row["architecture"] in markdown([row])
+
+
+def test_a_bundle_converted_with_a_signing_key_verifies_with_its_public_key(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # conftest converts with signing_key=<work>/keys/bundle-signing.key (tiny.signing_keys).
+    _, public = signing_keys(tiny_bundle)
+    trusted = load_trusted_keys([public])
+    signer, manifest = verify_bundle(tiny_bundle, trusted)
+    assert [signer] == list(trusted)
+    assert json.loads((tiny_bundle / "signature.json").read_text())["key_id"] == signer
+    assert manifest == load_bundle(tiny_bundle).manifest
+    # The signature covers the manifest: a bundle whose labels were swapped no longer verifies.
+    labels = list(manifest.labels)
+    swapped = copy_bundle(
+        tiny_bundle, tmp_path / "swapped", labels=[labels[1], labels[0]] + labels[2:]
+    )
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_bundle(swapped, trusted)
+
+
+def test_convert_checks_the_signing_key_before_any_work(tmp_path: Path) -> None:
+    not_a_key = tmp_path / "key.pem"
+    not_a_key.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    for key, reason in (
+        (tmp_path / "missing.key", "cannot read signing key"),
+        (not_a_key, "is not an unencrypted PEM private key"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            # No checkpoint either: the key is read first.
+            main(
+                [
+                    str(tmp_path / "none.pt"),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--signing-key",
+                    str(key),
+                ]
+            )
+        assert reason in str(stopped.value.code)
+    assert not (tmp_path / "out").exists()

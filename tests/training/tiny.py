@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from converter.convert import convert
+from smartbin.signing import generate_key_pair
 from trainer.train import parse_args, run
 
 TINY_SIZE = 96
@@ -46,10 +47,18 @@ def tiny_bundle_args(data: Path, work: Path) -> list[str]:
     return tiny_train_args(data, work, "run", "--lr", "0.003", "--body-lr", "0.003", epochs=4)
 
 
+def signing_keys(tiny_bundle: Path) -> tuple[Path, Path]:
+    """The private and public key the tiny bundle was signed with."""
+    folder = tiny_bundle.parent / "keys"
+    return folder / "bundle-signing.key", folder / "bundle-signing.pub"
+
+
 def train_and_convert(data: Path, work: Path) -> Path:
-    """Run the real trainer and converter CLIs' code paths; return the bundle folder."""
+    """Run the real trainer and converter CLIs' code paths; return the bundle folder, signed
+    with a key pair made for it (:func:`signing_keys`)."""
     checkpoint = run(parse_args(tiny_bundle_args(data, work)))
     bundle = work / "bundle"
+    private_key, _ = generate_key_pair(work / "keys")
     convert(
         checkpoint,
         bundle,
@@ -57,5 +66,6 @@ def train_and_convert(data: Path, work: Path) -> Path:
         max_drop=100.0,
         version="tiny-test",
         float_twin=work / "float32.tflite",
+        signing_key=private_key,
     )
     return bundle

@@ -1,0 +1,184 @@
+"""Memory for photos: one decode budget the whole service shares, and freed memory handed back.
+
+A photo's decoded size has little to do with its file size: an 8-bit RGBA PNG of 6324 x 6324
+compresses to 155 kB and, decoded and flattened to RGB, takes 306 MB. So before any pixel is
+decoded, :func:`smartbin.preprocessing.decode_image` works out from the header what the decode
+will hold at its peak (:class:`~smartbin.preprocessing.DecodeCost`), and the call reserves that
+much from a :class:`DecodeBudget` of ``decode_budget_bytes`` shared by every call:
+
+- an image that alone needs more than the whole budget is refused at once with
+  :class:`TooLargeForBudget` (INVALID_ARGUMENT: it would never fit, so retrying cannot help);
+- one that fits, but not beside the decodes already running, waits up to
+  ``decode_wait_seconds`` (and its deadline) for memory to come free, then is refused with
+  :class:`BudgetBusy` (RESOURCE_EXHAUSTED: the bin is busy, a later retry may succeed).
+
+Waiters are not queued in order: whichever fits when memory comes free goes first, so camera-sized
+photos keep flowing while a huge one waits, and under a flood of huge ones those are refused.
+
+Once decoded, a call keeps only its RGB image reserved until it ends. glibc keeps freed memory
+for reuse unless told otherwise; :func:`tune_malloc` makes large buffers go back to the system
+as soon as they are freed, and :func:`trim` returns what the heaps kept after a large decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+import time
+from types import TracebackType
+
+from smartbin.preprocessing import DecodeCost
+
+MB = 1_000_000
+# glibc's mallopt parameter number for the size above which malloc maps memory of its own
+# (malloc.h), handed back to the system on free.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+# Copies of its request message a Classify call holds: the parsed request, its image field.
+MESSAGE_COPIES = 2
+# After releasing a reservation at least this large, ask glibc to return what its heaps kept.
+TRIM_AFTER_BYTES = 16 * 2**20
+
+
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> None:
+    """Allocate buffers of ``mmap_threshold`` bytes and more with mmap, so that freeing them
+    returns them to the system at once.
+
+    glibc raises its threshold (up to 32 MB) each time such a buffer is freed, after which a
+    decoded photo's 16 MB blocks come from the heap and stay resident after the call: one
+    40-megapixel PNG left the service 110 MB larger for good. A fixed threshold keeps the
+    service at its baseline between large photos; a camera-sized photo stays below it. Elsewhere
+    (musl, macOS) there is nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+
+
+def trim() -> None:
+    """Return the free memory glibc's heaps hold to the system (nothing elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def megabytes(n: int) -> str:
+    return f"{n / MB:.0f} MB" if n >= 10 * MB else f"{n / MB:.1f} MB"
+
+
+class BudgetRefused(Exception):
+    """The photo cannot be decoded within the decode budget; the message says why."""
+
+
+class TooLargeForBudget(BudgetRefused):
+    """Decoding this photo alone needs more than the whole budget."""
+
+
+class BudgetBusy(BudgetRefused):
+    """The photo fits the budget, but no memory came free for it in time."""
+
+
+class DecodeBudget:
+    """A byte semaphore: ``capacity`` bytes shared by every decode in the service.
+
+    Args:
+        capacity: bytes all decodes may hold at once.
+        wait_seconds: longest wait for memory to come free, unless a call's deadline is sooner.
+    """
+
+    def __init__(self, capacity: int, wait_seconds: float) -> None:
+        self.capacity = capacity
+        self.wait_seconds = wait_seconds
+        self._used = 0
+        self._changed = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def lease(self, time_left: float | None = None, message_bytes: int = 0) -> Lease:
+        """A reservation, empty until :meth:`Lease.admit`; released when the block ends.
+
+        Args:
+            time_left: the call's remaining deadline, which caps the wait.
+            message_bytes: the size of the call's request message; the call holds it twice
+                (the parsed request and its image field), and that is reserved too.
+        """
+        wait = self.wait_seconds if time_left is None else min(self.wait_seconds, time_left)
+        return Lease(self, max(wait, 0.0), MESSAGE_COPIES * message_bytes)
+
+    def _take(self, cost: DecodeCost, held: int, wait: float) -> int:
+        """Reserve what decoding takes beside the ``held`` bytes; returns the bytes reserved."""
+        need = cost.peak_bytes + held
+        if need > self.capacity:
+            raise TooLargeForBudget(
+                f"decoding {cost.describe()} takes about {megabytes(need)} of memory, more than "
+                f"this bin's whole decode budget of {megabytes(self.capacity)} "
+                "(decode_budget_bytes): send a smaller image, or a JPEG, which decodes reduced"
+            )
+        deadline = time.monotonic() + wait
+        with self._changed:
+            while self._used + need > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BudgetBusy(
+                        f"decoding {cost.describe()} takes about {megabytes(need)}, and "
+                        f"{megabytes(self._used)} of this bin's {megabytes(self.capacity)} "
+                        f"decode budget stayed taken by other photos for {wait:.1f} s: "
+                        "retry later, or send a smaller image"
+                    )
+                self._changed.wait(left)
+            self._used += need
+        return need
+
+    def _give_back(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._changed:
+            self._used -= n
+            self._changed.notify_all()
+
+
+class Lease:
+    """One call's share of a :class:`DecodeBudget`; use it as a context manager and pass
+    :meth:`admit` to ``decode_image``."""
+
+    def __init__(self, budget: DecodeBudget, wait: float, message_bytes: int = 0) -> None:
+        self.budget = budget
+        self.wait = wait
+        self.message_bytes = message_bytes
+        self.held = 0
+        self._cost: DecodeCost | None = None
+
+    def admit(self, cost: DecodeCost) -> None:
+        """Reserve ``cost.peak_bytes`` and the request's bytes, waiting up to the lease's wait.
+
+        Raises:
+            TooLargeForBudget: more than the whole budget.
+            BudgetBusy: no room came free in time.
+        """
+        self.held = self.budget._take(cost, self.message_bytes, self.wait)
+        self._cost = cost
+
+    def settle(self) -> None:
+        """The photo is decoded: keep only its RGB image and the request reserved."""
+        if self._cost is None:
+            return
+        keep = self._cost.result_bytes + self.message_bytes
+        if self.held > keep:
+            self.budget._give_back(self.held - keep)
+            self.held = keep
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        peak = self._cost.peak_bytes if self._cost is not None else 0
+        self.budget._give_back(self.held)
+        self.held = 0
+        if peak >= TRIM_AFTER_BYTES:
+            trim()

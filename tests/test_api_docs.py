@@ -40,7 +40,7 @@ def test_page_covers_every_rpc_message_and_field_of_the_contract(api_docs: Modul
 
 def test_page_carries_the_comments_of_the_proto(api_docs: ModuleType) -> None:
     page = api_docs.render()
-    assert "FAILED_PRECONDITION: the bundle is missing, corrupt or fails its smoke test" in page
+    assert "FAILED_PRECONDITION: the bundle is missing, corrupt, unsigned or wrongly signed" in page
     assert "| `top_k` | 2 | `uint32` | How many ranked labels to return;" in page
     assert "| `metrics` | 7 | `map<string, double>` |" in page
     assert "rpc WatchEvents(WatchEventsRequest) returns (stream ClassificationEvent)" in page

@@ -103,11 +103,16 @@ class ClassifierServicer:
 
     def ReloadModel(self, request, context):
         """Loads a model bundle from a folder on the bin and swaps it in once it passes its checks
-        (manifest, sha256 of the model, a smoke inference). Calls in flight finish on the old model.
-        FAILED_PRECONDITION: the bundle is missing, corrupt or fails its smoke test (the message
-        says why); the old model keeps serving.
-        PERMISSION_DENIED: the folder lies outside those the service loads bundles from (the one
-        holding its configured bundle, and its reload_dirs).
+        (manifest, sha256 of the model, its signature when the bin requires one, a smoke
+        inference). Calls in flight finish on the old model. An admin call: it answers on the
+        bin's loopback admin listener, or on the public port to a mutual-TLS client whose
+        certificate the config's admin.allowed_clients names.
+        FAILED_PRECONDITION: the bundle is missing, corrupt, unsigned or wrongly signed where
+        signatures are required, or fails its smoke test (the message says why); the old model
+        keeps serving.
+        PERMISSION_DENIED: the caller is not the operator (see above), or the folder lies outside
+        those the service loads bundles from (the one holding its configured bundle, and its
+        reload_dirs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2,8 +2,10 @@
 
 Calibrates on training images of the checkpoint's own split, measures float and int8 on the
 val and test sides with the edge runtime's preprocessing, refuses the bundle when int8 val
-accuracy falls more than ``--max-drop`` points below float, and writes the bundle with its
-metrics in the manifest and a full report beside it.
+accuracy falls more than ``--max-drop`` points below float, calibrates it (a temperature and an
+unsure threshold, ``converter.calibrate``, measured on the harder shift suite of
+``converter.shift_suite``), and writes the bundle with its metrics and calibration in the
+manifest and a full report beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from converter.calibrate import manifest_summary, measure_and_calibrate
+from converter.shift_suite import load_textures
 from converter.shifts import SHIFTS, shifted
 from smartbin.bundle import load_bundle, write_bundle
 from smartbin.model import TFLiteClassifier
@@ -91,6 +95,8 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
     }
     metrics["agreement"] = report["agreement"]
     metrics["int8"]["test_shifted"] = report["int8_test_shifted"]
+    metrics["int8"]["test_harder_shifts"] = report["int8_test_harder_shifts"]
+    metrics["calibration"] = manifest_summary(report["calibration"])
     return metrics
 
 
@@ -117,6 +123,7 @@ def convert(
     seed: int = 0,
     float_twin: Path | None = None,
     signing_key: Path | None = None,
+    textures: Path | None = None,
 ) -> dict[str, Any]:
     """Build the bundle at ``out``; raises ParityError, writing nothing, when int8 falls short.
 
@@ -125,6 +132,11 @@ def convert(
     Ed25519 private key file (smartbin-keygen), signs the bundle (signature.json): bins that
     require signatures load it when they trust the matching public key.
 
+    The bundle is calibrated (``converter.calibrate``): a temperature fitted on val, and an
+    unsure threshold chosen on val under the harder shift suite (``converter.shift_suite``),
+    whose int8 test accuracies are reported as ``int8_test_harder_shifts``; ``textures``, a
+    folder or .pk3/.zip of textures, adds its ``texture_floor`` shift.
+
     Raises:
         ParityError: int8 lost more than ``max_drop`` points.
         SignatureError: ``signing_key`` is unusable (checked before any work is done).
@@ -132,6 +144,7 @@ def convert(
     from converter.tflite import export_float, quantize_int8
 
     key = load_signing_key(signing_key) if signing_key is not None else None
+    floor_textures = load_textures(textures) if textures is not None else None
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     labels = list(checkpoint["labels"])
@@ -159,6 +172,11 @@ def convert(
         report["int8_test_shifted"] = measure_shifted(classifier, sides["test"])
         report["model_bytes"] = {"float32": len(float_model), "int8": len(int8_model)}
         check_parity(report, max_drop)
+        calibration, calibration_report = measure_and_calibrate(
+            classifier, sides["val"], sides["test"], floor_textures
+        )
+        report["int8_test_harder_shifts"] = calibration_report.pop("int8_test_harder_shifts")
+        report["calibration"] = calibration_report
         write_bundle(
             staging,
             int8_model,
@@ -169,6 +187,7 @@ def convert(
             checkpoint["arch"],
             metrics=manifest_metrics(report),
             source=source,
+            calibration=calibration,
         )
         write_report(staging, report, labels)
         if key is not None:
@@ -239,6 +258,12 @@ def main(argv: list[str] | None = None) -> None:
         help="Ed25519 private key (smartbin-keygen --out DIR) to sign the bundle with, for bins "
         "that require signed bundles (bundle_signing in their config)",
     )
+    parser.add_argument(
+        "--textures",
+        type=Path,
+        help="folder or .pk3/.zip of floor textures for the harder suite's texture_floor shift "
+        "(e.g. /usr/share/games/ufoai/base/0textures.pk3 from Debian's ufoai-textures)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -252,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             args.float_twin,
             args.signing_key,
+            args.textures,
         )
     except ParityError as err:
         sys.exit(f"smartbin-convert: parity gate failed: {err}")
@@ -267,6 +293,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     shifts = ", ".join(f"{k} {v:.2%}" for k, v in report["int8_test_shifted"].items())
     print(f"int8 test under camera shifts: {shifts}")
+    harder = ", ".join(f"{k} {v:.2%}" for k, v in report["int8_test_harder_shifts"].items())
+    print(f"int8 test under the harder shift suite: {harder}")
+    calibration = report["calibration"]
+    sure = calibration["sure"]
+    print(
+        f"calibration: temperature {calibration['temperature']:.3f}, unsure below "
+        f"{calibration['unsure_below']:.3f}; sure answers: test "
+        f"{sure['test']['sure_share']:.1%} ({sure['test']['sure_accuracy']:.1%} right), "
+        f"harder shifts {sure['test_harder_shifts']['sure_share']:.1%} "
+        f"({sure['test_harder_shifts']['sure_accuracy']:.1%} right)"
+    )
     print(f"bundle: {args.out} ({report['model_bytes']['int8'] / 1e6:.2f} MB)")
 
 

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # smartbin.signing.manifest_digest of edge_service/default_bundle. Replacing the shipped bundle
 # means updating this (tests/edge/test_bundle_signing.py says so, with the new value).
-SHIPPED_MANIFEST_SHA256 = "0c49c8d9ae0d1e802168c8af402c456d0b8b77b648cfcc218be55f1eab688c36"
+SHIPPED_MANIFEST_SHA256 = "e1a0bffda8803a715ca5a7da9be738a7224b68181d93c46c3afa2e4e6d502826"
 
 
 class BundleTrust:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from edge_service.const import DEFAULT_CONFIDENCE_THRESHOLD
 from edge_service.metrics import ServiceMetrics
 from edge_service.unsure_store import UnsureStore
 from smartbin.model import Prediction, TFLiteClassifier
@@ -66,19 +67,31 @@ class Pipeline:
 
     Args:
         metrics: where each stage's time and each answer are counted.
-        confidence_threshold: a best score below this marks the answer unsure.
+        confidence_threshold: a best score below this marks the answer unsure; None: the
+            served bundle's calibrated threshold, or DEFAULT_CONFIDENCE_THRESHOLD for a bundle
+            without one.
         unsure_store: where unsure photos are kept, or None.
     """
 
     def __init__(
         self,
         metrics: ServiceMetrics,
-        confidence_threshold: float,
+        confidence_threshold: float | None = None,
         unsure_store: UnsureStore | None = None,
     ) -> None:
         self.metrics = metrics
         self.confidence_threshold = confidence_threshold
         self.unsure_store = unsure_store
+
+    def threshold_for(self, classifier: TFLiteClassifier) -> float:
+        """The best score under which ``classifier``'s answers are unsure: the config's, else
+        its bundle's calibrated one, else the default."""
+        if self.confidence_threshold is not None:
+            return self.confidence_threshold
+        calibration = classifier.bundle.manifest.calibration
+        if calibration is not None:
+            return calibration.unsure_below
+        return DEFAULT_CONFIDENCE_THRESHOLD
 
     def answer(
         self,
@@ -105,7 +118,7 @@ class Pipeline:
         ranked = tuple(classifier.rank(probabilities))
         timings = Timings(capture_seconds, decode_seconds, prepared - started, inferred - prepared)
         best = ranked[0]
-        unsure = best.score < self.confidence_threshold
+        unsure = best.score < self.threshold_for(classifier)
         self._record(best, unsure, timings)
         if unsure and self.unsure_store is not None:
             self.unsure_store.keep(image, best.label, encoded)

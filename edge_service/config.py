@@ -9,7 +9,12 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge_service.const import DEFAULT_BUNDLE_DIR, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT
+from edge_service.const import (
+    DEFAULT_BUNDLE_DIR,
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_METRICS_PORT,
+)
 
 
 class _Section(BaseModel):
@@ -243,11 +248,12 @@ class ServiceConfig(BaseModel):
     )
     # Overload and memory: what one caller, or many, can take (docs/hardening.md).
     decode_budget_bytes: int = Field(
-        128 * 2**20,
+        100 * 2**20,
         ge=8 * 2**20,
-        description="memory all photo decodes may hold at once, worked out from each photo's "
-        "header before decoding; a photo that alone needs more is refused (INVALID_ARGUMENT), "
-        "one that finds the budget taken waits decode_wait_seconds, then gets RESOURCE_EXHAUSTED. "
+        description="memory for photos: the request messages being served and the decodes, "
+        "each decode's worked out from the photo's header before decoding. A photo that alone "
+        "needs more is refused (INVALID_ARGUMENT); one that finds the budget taken waits "
+        "decode_wait_seconds, then gets RESOURCE_EXHAUSTED, as does a request that does not fit. "
         "The default keeps the service under 250 MB resident (a 1 GB Raspberry Pi)",
     )
     decode_wait_seconds: float = Field(
@@ -264,8 +270,13 @@ class ServiceConfig(BaseModel):
         description="calls one client connection may have open at once (HTTP/2 streams); its "
         "further calls wait in the client",
     )
-    confidence_threshold: float = Field(
-        0.5, ge=0.0, le=1.0, description="below this best score an answer is unsure"
+    confidence_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="below this best score an answer is unsure; default: the bundle's "
+        "calibrated threshold (its manifest's calibration.unsure_below), or "
+        f"{DEFAULT_CONFIDENCE_THRESHOLD} for a bundle without one",
     )
     grace_seconds: float = Field(5.0, ge=0.0, description="time calls in flight get at shutdown")
     camera: CameraConfig | None = Field(None, description="the bin's camera; None: no camera")

@@ -15,6 +15,9 @@ SAMPLES_DIR = PACKAGE_DIR / "samples"
 API_VERSION: str = classifier_pb2.DESCRIPTOR.package
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9108
+# An answer whose best score is below this is unsure, unless the bundle's calibration or the
+# config's confidence_threshold says otherwise.
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5
 
 
 def service_version() -> str:

@@ -21,8 +21,8 @@ be answered. So here:
 
 Every refusal is counted in ``smartbin_refusals_total{method, reason}``, and, for the Classifier
 calls, in ``smartbin_requests_total{method, code}`` with the code the caller gets, which the
-error-rate alert reads: gRPC's own refusals (its concurrency limit, a message over
-``max_message_bytes``) are made or seen here so that they are counted too.
+error-rate alert reads: the refusals gRPC would make unseen (its concurrency limit, a message
+over ``max_message_bytes``) are made here instead, so that they are counted too.
 
 gRPC's own parsing answers a malformed request with INTERNAL, which tells a caller nothing; here it
 gets INVALID_ARGUMENT with the parser's reason. ``abort_if_expired`` lets a handler stop between
@@ -46,6 +46,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
+from edge_service.memory import DecodeBudget, megabytes
 from edge_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ HEALTH_PLACES = 4
 # Threads that answer refused calls: a refusal neither reads the request nor waits.
 REFUSAL_THREADS = 2
 # After a call's request stream ends without a message: how long to wait to see whether gRPC
-# itself ended the call (it does when the message is larger than max_message_bytes).
+# ended the call (it does when the caller cancels, or when the message is over gRPC's limit).
 GRPC_END_GRACE_SECONDS = 0.25
+# Request messages from this size up count in the photo memory; smaller ones are noise.
+COUNTED_REQUEST_BYTES = 64 * 1024
 
 
 def abort_if_expired(context: grpc.ServicerContext, work: str) -> None:
@@ -80,17 +83,22 @@ class CallLimits:
 
     Attributes:
         max_calls: calls open at once (max_concurrent_rpcs), streams included.
+        max_message_bytes: the largest request message; give gRPC twice as much, so that the
+            refusals of messages just over it are counted here.
         max_working: calls of ``working_methods`` computed at once (max_workers).
         request_timeout: seconds a call may take to deliver its request message.
         working_methods: the full method names that need a worker.
         counted_service: calls of this service are counted in smartbin_requests_total.
+        memory: where the request messages of calls being served are counted.
     """
 
     max_calls: int | None = None
+    max_message_bytes: int | None = None
     max_working: int | None = None
     request_timeout: float | None = None
     working_methods: frozenset[str] = field(default_factory=frozenset)
     counted_service: str = "smartbin.v1.Classifier"
+    memory: DecodeBudget | None = None
 
 
 class _Places:
@@ -259,8 +267,10 @@ class CallGuard(grpc.ServerInterceptor):
 
             def stream_out(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
                 try:
-                    request = self._receive(call, requests, context, parse)
-                    with self._working(call, context):
+                    with (
+                        self._request(call, requests, context, parse) as request,
+                        self._working(call, context),
+                    ):
                         yield from stream(request, context)
                 finally:
                     release()
@@ -274,8 +284,10 @@ class CallGuard(grpc.ServerInterceptor):
 
         def unary_out(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
             try:
-                request = self._receive(call, requests, context, parse)
-                with self._working(call, context):
+                with (
+                    self._request(call, requests, context, parse) as request,
+                    self._working(call, context),
+                ):
                     return unary(request, context)
             finally:
                 release()
@@ -314,47 +326,94 @@ class CallGuard(grpc.ServerInterceptor):
             one_answer, handler.request_deserializer, handler.response_serializer
         )
 
-    def _receive(
+    @contextlib.contextmanager
+    def _request(
         self,
         call: _Call,
         requests: Iterator[bytes],
         context: grpc.ServicerContext,
         parse: Callable[[bytes], Any] | None,
-    ) -> Any:
-        """The call's one request message, parsed; aborts the call when it does not come in
-        time, does not come at all, or does not parse."""
+    ) -> Iterator[Any]:
+        """The call's one request message, parsed, counted in the photo memory while the block
+        runs; aborts the call when the message does not come in time, does not come at all,
+        does not parse or does not fit."""
+        raw = self._receive(call, requests, context)
+        memory = self.limits.memory
+        held = None
+        if memory is not None and len(raw) >= COUNTED_REQUEST_BYTES:
+            held = memory.hold_request(len(raw))
+            if held is None:
+                self._refused(call, "request_memory", grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this {megabytes(len(raw))} request does not fit beside the "
+                    f"{megabytes(memory.requests_held)} of requests being served in this bin's "
+                    f"{megabytes(memory.capacity)} photo memory (decode_budget_bytes): retry later",
+                )
+        try:
+            try:
+                request = parse(raw) if parse else raw
+            except DecodeError as err:
+                self._refused(call, "bad_request", grpc.StatusCode.INVALID_ARGUMENT)
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request is not a valid {call.name} request message ({err}): "
+                    "send the message type the .proto names",
+                )
+            del raw
+            yield request
+        finally:
+            if held is not None and memory is not None:
+                memory.release_request(held)
+
+    def _receive(
+        self, call: _Call, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> bytes:
+        """The call's one request message, as bytes; aborts the call when it does not come in
+        time, does not come at all, or is larger than ``max_message_bytes``.
+
+        gRPC itself is given twice that limit, so that the service sees, counts and refuses the
+        messages just over it; a call that ends before its message has arrived, neither by our
+        timeout nor by its deadline, was cancelled by its caller, or ended by gRPC refusing a
+        message over twice the limit: the service cannot tell which (ended_before_request).
+        """
         timeout = self.limits.request_timeout
         timer = None
         if self._watchdog is not None and timeout is not None:
             timer = self._watchdog.schedule(timeout, context.cancel)
+        ended: grpc.RpcError | None = None
         try:
             raw = next(requests, None)
-        except grpc.RpcError:  # cancelled: by the caller, or below for taking too long
-            if timer is not None and timer.fired:
-                self._refused(call, "request_timeout", grpc.StatusCode.CANCELLED)
-            raise
+        except grpc.RpcError as err:  # the call is over
+            raw, ended = None, err
         finally:
             if timer is not None:
                 timer.cancel()
-        if raw is None:
-            if _ended_by_grpc(context):
-                # gRPC refused the message (larger than max_message_bytes) and told the caller.
+        if raw is not None:
+            most = self.limits.max_message_bytes
+            if most is not None and len(raw) > most:
                 self._refused(call, "message_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED)
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message refused")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"Received message larger than max ({len(raw)} vs. {most}): "
+                    "send a smaller photo (max_message_bytes)",
+                )
+            return raw
+        if timer is not None and timer.fired:
+            self._refused(call, "request_timeout", grpc.StatusCode.CANCELLED)
+        elif context.time_remaining() <= 0:
+            pass  # the caller's deadline passed first: gRPC told it so
+        elif ended is not None or _ended_by_grpc(context):
+            self._refused(call, "ended_before_request", grpc.StatusCode.CANCELLED)
+        else:
             self._refused(call, "no_request", grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the call ended without a request message: {call.name} takes exactly one",
             )
-        try:
-            return parse(raw) if parse else raw
-        except DecodeError as err:
-            self._refused(call, "bad_request", grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request is not a valid {call.name} request message ({err}): "
-                "send the message type the .proto names",
-            )
+        if ended is not None:
+            raise ended  # gRPC knows this error: it ends the call without a word
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request arrived")
 
     @contextlib.contextmanager
     def _working(self, call: _Call, context: grpc.ServicerContext) -> Iterator[None]:

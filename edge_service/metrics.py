@@ -112,8 +112,9 @@ class ServiceMetrics:
         self.refusals = Counter(
             "smartbin_refusals",
             "calls refused before or instead of being served, by method and reason "
-            "(max_concurrent_rpcs, message_too_large, request_timeout, no_request, "
-            "bad_request, worker_wait, decode_budget_busy, decode_budget_exceeded)",
+            "(max_concurrent_rpcs, message_too_large, request_timeout, ended_before_request, "
+            "no_request, bad_request, request_memory, worker_wait, decode_budget_busy, "
+            "decode_budget_exceeded)",
             ["method", "reason"],
             registry=r,
         )

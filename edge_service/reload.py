@@ -21,7 +21,7 @@ from PIL import Image
 from edge_service.bundle_trust import BundleTrust
 from edge_service.metrics import ServiceMetrics
 from smartbin.bundle import BundleError, load_bundle
-from smartbin.model import TFLiteClassifier
+from smartbin.model import TFLiteClassifier, timings_text
 from smartbin.preprocessing import resize_and_crop
 from smartbin.signing import SignatureError
 
@@ -48,7 +48,8 @@ def reload_target(requested: str, served: Path, reload_dirs: Sequence[Path] = ()
     service open arbitrary files or probe which exist. Links are resolved first.
 
     Raises:
-        OutsideReloadDirs: the folder lies elsewhere; the message names the open folders.
+        OutsideReloadDirs: the folder lies elsewhere; the message says which folders are open
+            without naming the bin's own paths (it goes back to the caller).
     """
     if not requested:
         return served
@@ -57,9 +58,10 @@ def reload_target(requested: str, served: Path, reload_dirs: Sequence[Path] = ()
     roots = [root.resolve() for root in (home, *reload_dirs)]
     if not any(target.is_relative_to(root) for root in roots):
         raise OutsideReloadDirs(
-            f"{requested} is outside the folders this bin loads bundles from "
-            f"({', '.join(map(str, roots))}): copy the bundle next to the served one, "
-            "or add its folder to reload_dirs in the service config"
+            f"{requested} is outside the folders this bin loads bundles from (the one holding "
+            "the served bundle, and those in reload_dirs): copy the bundle next to the served "
+            "one and name it by its folder name, or add its folder to reload_dirs in the "
+            "service config"
         )
     return target
 
@@ -163,10 +165,12 @@ class ModelSlot:
         self._metrics.model_info.info(
             {
                 "version": bundle.version,
-                "sha256": bundle.sha256[:12],
+                "sha256": classifier.model.sha256[:12],
                 "architecture": bundle.architecture,
-                "quantization": bundle.quantization,
+                "quantization": classifier.model.quantization,
                 "labels": str(len(bundle.labels)),
+                # A bundle with alternatives: each model's invoke as timed when it was loaded.
+                **({"timed": timings_text(classifier.timings)} if classifier.timings else {}),
             }
         )
         self._metrics.model_loaded_timestamp.set_to_current_time()

@@ -257,9 +257,10 @@ def model_info_pb(classifier: TFLiteClassifier) -> classifier_pb2.ModelInfo:
         labels=list(bundle.labels),
         input_height=size,
         input_width=size,
-        quantization=bundle.quantization,
+        # The model serving: the bundle's fastest on this CPU when it carries alternatives.
+        quantization=classifier.model.quantization,
         model_version=bundle.version,
-        model_sha256=bundle.sha256,
+        model_sha256=classifier.model.sha256,
         metrics=bundle.flat_metrics(),
         manifest_json=bundle.manifest.model_dump_json(),
         service_version=service_version(),
@@ -407,9 +408,10 @@ def grpc_server(
         # holds its thread waiting for its request message holds no other caller up); the
         # computing is bounded by max_workers, and CallGuard refuses beyond max_concurrent_rpcs.
         futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + HEALTH_PLACES),
-        interceptors=[CallGuard(metrics, call_limits(config)), gate],
+        interceptors=[CallGuard(metrics, call_limits(config, servicer.decode_budget)), gate],
         options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Twice the limit: CallGuard refuses and counts the messages just over it.
+            ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
             ("grpc.max_concurrent_streams", config.max_calls_per_connection),
             ("grpc.so_reuseport", 0),
         ],
@@ -427,11 +429,13 @@ def grpc_server(
     return server
 
 
-def call_limits(config: ServiceConfig) -> CallLimits:
-    """What the public port's CallGuard enforces: the Classifier's unary calls need a worker."""
+def call_limits(config: ServiceConfig, memory: DecodeBudget | None = None) -> CallLimits:
+    """What the public port's CallGuard enforces: the Classifier's unary calls need a worker,
+    and request messages count in ``memory``, the photo memory."""
     service = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
     return CallLimits(
         max_calls=config.max_concurrent_rpcs,
+        max_message_bytes=config.max_message_bytes,
         max_working=config.max_workers,
         request_timeout=config.request_timeout_seconds,
         working_methods=frozenset(
@@ -440,6 +444,7 @@ def call_limits(config: ServiceConfig) -> CallLimits:
             if not method.server_streaming
         ),
         counted_service=SERVICE_NAME,
+        memory=memory,
     )
 
 

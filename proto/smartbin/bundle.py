@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from smartbin.preprocessing import Preprocessing
 
@@ -43,9 +51,36 @@ class ModelFile(BaseModel):
     architecture: str = ""
 
 
+class AlternativeModel(ModelFile):
+    """An entry of the manifest's optional ``alternatives``: another build of the same network
+    (same labels, preprocessing and input size), for instance the float32 model the int8 one was
+    quantized from, with its own accuracy in ``metrics``. A bin serves whichever of the bundle's
+    models runs fastest on its CPU, timed as it loads (:class:`smartbin.model.TFLiteClassifier`):
+    int8 is the faster on Arm and on x86 with VNNI, float32 can be on x86 without it."""
+
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Calibration(BaseModel):
+    """The manifest's optional ``calibration``: how far to trust the model's scores.
+
+    The runtime divides the model's logits by ``temperature`` before the softmax (fitted on
+    the val side: below 1 sharpens underconfident scores, above 1 flattens overconfident ones;
+    the ranking is unchanged), and the edge marks an answer unsure when its best score, so
+    scaled, is below ``unsure_below`` (unless its config sets ``confidence_threshold``).
+    Optional, so the bundle format stays 1: a bundle without it loads as before (temperature
+    1, the config's threshold)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(gt=0.0, le=100.0)
+    unsure_below: float = Field(ge=0.0, le=1.0)
+
+
 class Manifest(BaseModel):
     """``manifest.json``. ``metrics`` and ``source`` are free-form: what was measured and where
-    the model came from, shown to operators and never acted on."""
+    the model came from, shown to operators and never acted on; ``calibration``, when present,
+    is acted on (:class:`Calibration`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -56,6 +91,11 @@ class Manifest(BaseModel):
     model: ModelFile
     metrics: dict[str, Any] = Field(default_factory=dict)
     source: dict[str, Any] = Field(default_factory=dict)
+    calibration: Calibration | None = None
+    # Optional, so the bundle format stays 1: a bundle without it loads as before, and a bin
+    # older than the field refuses a bundle with it by name ("alternatives: Extra inputs are not
+    # permitted") instead of serving half of it.
+    alternatives: tuple[AlternativeModel, ...] = ()
 
     @field_validator("labels")
     @classmethod
@@ -63,6 +103,19 @@ class Manifest(BaseModel):
         if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
             raise ValueError(f"needs two or more distinct, non-empty labels, has {list(labels)}")
         return labels
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> Manifest:
+        files = [self.model.file, *(alternative.file for alternative in self.alternatives)]
+        if len(set(files)) != len(files):
+            raise ValueError(f"alternatives: each model needs a file of its own, has {files}")
+        for alternative in self.alternatives:
+            if alternative.architecture not in ("", self.model.architecture):
+                raise ValueError(
+                    f"alternatives: {alternative.file} is a {alternative.architecture}, the model "
+                    f"a {self.model.architecture}: alternatives are builds of the same network"
+                )
+        return self
 
 
 @dataclass(frozen=True)
@@ -75,6 +128,15 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self.path / self.manifest.model.file
+
+    @property
+    def models(self) -> tuple[ModelFile, ...]:
+        """The manifest's ``model`` first, then its ``alternatives``."""
+        return (self.manifest.model, *self.manifest.alternatives)
+
+    def path_of(self, model: ModelFile) -> Path:
+        """Where one of :attr:`models` lies."""
+        return self.path / model.file
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -99,6 +161,12 @@ class Bundle:
     @property
     def architecture(self) -> str:
         return self.manifest.model.architecture
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax: 1 without a calibration."""
+        calibration = self.manifest.calibration
+        return calibration.temperature if calibration is not None else 1.0
 
     def flat_metrics(self) -> dict[str, float]:
         """Numeric metrics as ``"int8.accuracy" -> 0.96``, nested keys joined by dots."""
@@ -184,15 +252,26 @@ def load_bundle(path: str | Path) -> Bundle:
     """
     folder = Path(path)
     bundle = Bundle(folder, read_manifest(folder))
-    if not bundle.model_path.is_file():
-        raise BundleError(f"model file {bundle.model_path} named by the manifest is missing")
-    actual_sha = sha256_file(bundle.model_path)
-    if actual_sha != bundle.sha256:
-        raise BundleError(
-            f"{bundle.model_path} has sha256 {actual_sha}, the manifest says "
-            f"{bundle.sha256}: the bundle is corrupt or incomplete"
-        )
+    for model in bundle.models:
+        model_path = bundle.path_of(model)
+        if not model_path.is_file():
+            raise BundleError(f"model file {model_path} named by the manifest is missing")
+        actual_sha = sha256_file(model_path)
+        if actual_sha != model.sha256:
+            raise BundleError(
+                f"{model_path} has sha256 {actual_sha}, the manifest says "
+                f"{model.sha256}: the bundle is corrupt or incomplete"
+            )
     return bundle
+
+
+def manifest_json(manifest: Manifest) -> str:
+    """``manifest.json``'s text. The optional fields left unset (no ``calibration``, no
+    ``alternatives``) are left out, so that bins older than those fields read the bundle."""
+    unset = {"calibration"} if manifest.calibration is None else set()
+    if not manifest.alternatives:
+        unset.add("alternatives")
+    return manifest.model_dump_json(indent=2, exclude=unset or None) + "\n"
 
 
 def write_bundle(
@@ -205,6 +284,7 @@ def write_bundle(
     architecture: str,
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> Bundle:
     """Write a bundle folder (model.tflite + manifest.json) and return it verified.
 
@@ -229,6 +309,49 @@ def write_bundle(
         ),
         metrics=metrics or {},
         source=source or {},
+        calibration=calibration,
     )
-    (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    # No "calibration": null for an uncalibrated bundle: bins older than the field read it.
+    (out / MANIFEST_NAME).write_text(manifest_json(manifest))
     return load_bundle(out)
+
+
+def add_alternative(
+    folder: str | Path,
+    model: bytes,
+    quantization: Literal["int8", "float32"],
+    metrics: dict[str, Any] | None = None,
+    file: str | None = None,
+) -> Bundle:
+    """Add ``model`` to the bundle in ``folder`` as one of its ``alternatives`` (replacing an
+    alternative of the same file) and return the bundle verified.
+
+    ``metrics`` are the alternative's own accuracy, as measured on it. The bundle's signature,
+    if any, is removed: it vouched for the manifest being replaced.
+
+    Raises:
+        BundleError: the folder is not a valid bundle, or ``file`` is its main model's file.
+    """
+    bundle = load_bundle(folder)
+    name = file or f"model_{quantization}.tflite"
+    entry = AlternativeModel(
+        file=name,
+        sha256=hashlib.sha256(model).hexdigest(),
+        bytes=len(model),
+        quantization=quantization,
+        architecture=bundle.architecture,
+        metrics=metrics or {},
+    )
+    if name == bundle.manifest.model.file:
+        raise BundleError(f"{name} is the bundle's main model: name the alternative otherwise")
+    kept = tuple(a for a in bundle.manifest.alternatives if a.file != name)
+    try:
+        manifest = Manifest.model_validate(
+            {**bundle.manifest.model_dump(), "alternatives": [*kept, entry]}
+        )
+    except ValidationError as err:
+        raise BundleError(f"alternative {name} refused: {_validation_message(err)}") from err
+    (bundle.path / SIGNATURE_NAME).unlink(missing_ok=True)
+    (bundle.path / name).write_bytes(model)
+    (bundle.path / MANIFEST_NAME).write_text(manifest_json(manifest))
+    return load_bundle(bundle.path)

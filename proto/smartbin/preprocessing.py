@@ -95,9 +95,16 @@ class DecodeCost:
     mode: str
     peak_bytes: int
     result_bytes: int
+    size_in_file: tuple[int, int] = (0, 0)  # before any reduction
 
     def describe(self) -> str:
-        return f"a {self.width}x{self.height} {self.mode} {self.format}"
+        width, height = self.size_in_file
+        if (width, height) in ((0, 0), (self.width, self.height)):
+            return f"a {self.width}x{self.height} {self.mode} {self.format}"
+        return (
+            f"a {width}x{height} {self.format} (decoded reduced, to "
+            f"{self.width}x{self.height} {self.mode})"
+        )
 
 
 def decode_image(
@@ -247,7 +254,7 @@ def _decode_cost(image: Image.Image, data: bytes, full_size: tuple[int, int]) ->
     else:
         stages.append(decoded + rgb)
     peak = max(stages) + _DECODE_OVERHEAD_BYTES
-    return DecodeCost(str(image.format), width, height, mode, peak, rgb)
+    return DecodeCost(str(image.format), width, height, mode, peak, rgb, full_size)
 
 
 def _has_orientation(image: Image.Image, data: bytes) -> bool:

@@ -63,7 +63,10 @@ def test_sigterm_drains_calls_in_flight_and_exits_0(default_bundle: Path, tmp_pa
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     bundle_files = files_under(default_bundle)
-    config = write_config(tmp_path, default_bundle, grace_seconds=GRACE_SECONDS)
+    # Room to decode the slow photos side by side (the default budget takes them one by one).
+    config = write_config(
+        tmp_path, default_bundle, grace_seconds=GRACE_SECONDS, decode_budget_bytes=2**30
+    )
     server = spawn_service(["--config", str(config)], cwd=workdir)
     image = slow_png()
     try:

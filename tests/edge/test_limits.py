@@ -171,7 +171,8 @@ def test_call_whose_deadline_passes_while_decoding_is_not_inferred(
 ) -> None:
     stub = classifier_pb2_grpc.ClassifierStub(channel)
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Classify(classifier_pb2.ClassifyRequest(image=slow_png()), timeout=0.05)
+        # 20 megapixels: within the default decode budget, and slower to decode than 0.05 s.
+        stub.Classify(classifier_pb2.ClassifyRequest(image=slow_png(5000, 4000)), timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: metric(service, "smartbin_in_flight_requests") == 0)
     assert metric(service, "smartbin_inference_seconds_count") == 0.0

@@ -32,7 +32,7 @@ SMALL = ("--arch", "test_efficientnet", "--img-size", "64")
 EPOCH_LINE = re.compile(r"\[rank (\d)/2\] epoch (\d+): (\{[^}]*\})")
 
 
-def torchrun(data: Path, out: Path, *extra: str) -> str:
+def torchrun(data: Path, out: Path) -> str:
     """``smartbin-train`` in two CPU processes under torchrun; returns what they printed."""
     command = [
         sys.executable,
@@ -43,7 +43,7 @@ def torchrun(data: Path, out: Path, *extra: str) -> str:
         "--standalone",
         "-m",
         "trainer.train",
-        *tiny_train_args(data, out, "ddp", *SMALL, *extra, epochs=2),
+        *tiny_train_args(data, out, "ddp", *SMALL, epochs=2),
     ]
     ours = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in ours} | {"OMP_NUM_THREADS": "1"}
@@ -73,19 +73,15 @@ def summary(folder: Path) -> list[dict[str, float]]:
 def test_two_processes_train_one_run_the_converter_takes(tiny_data: Path, tmp_path: Path) -> None:
     printed = torchrun(tiny_data, tmp_path / "ddp")
     # The same effective batch in one process: 16 images an update, as many updates an epoch.
-    single = run(
-        parse_args(
-            tiny_train_args(
-                tiny_data, tmp_path / "one", "one", *SMALL, "--batch-size", "16", epochs=2
-            )
-        )
-    )
+    extra = (*SMALL, "--batch-size", "16")
+    single = run(parse_args(tiny_train_args(tiny_data, tmp_path / "one", "one", *extra, epochs=2)))
 
     # One run folder with one summary: rank 1 wrote nothing.
     assert [p.name for p in (tmp_path / "ddp").iterdir()] == ["ddp"]
     folder = tmp_path / "ddp" / "ddp"
     assert list((tmp_path / "ddp").rglob("summary.csv")) == [folder / "summary.csv"]
     assert "effective batch 16" in printed
+    assert "[rank 0/2] best epoch" in printed and "[rank 1/2] best epoch" not in printed
     # Every rank logged the same figures, the images of both processes together.
     lines = EPOCH_LINE.findall(printed)
     by_rank = {rank: [ast.literal_eval(row) for r, _, row in lines if r == rank] for rank in "01"}

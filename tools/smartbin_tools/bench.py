@@ -35,6 +35,7 @@ from smartbin.bundle import Bundle, BundleError, load_bundle
 from smartbin.model import Interpreter
 from smartbin.preprocessing import decode_image, resize_and_crop
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
+from smartbin_tools.cpu import cpu_features
 from smartbin_tools.load import ClassifyLoad
 from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
 from smartbin_tools.service import serve_args, spawn_service
@@ -89,12 +90,11 @@ def machine() -> dict[str, Any]:
         # Other work on the machine stretches wall times; the CPU-time figures hold up better.
         "load_average_start": os.getloadavg(),
     }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model") and value.strip():
-                info["cpu"] = value.strip()
+    # The vector extensions decide whether int8 beats float32 here (smartbin_tools.cpu).
+    features = cpu_features()
+    info["cpu"] = features["cpu"]
+    info["cpu_flags"] = features["flags"]
+    info["int8_dot_product"] = features["int8_dot_product"]
     board = Path("/sys/firmware/devicetree/base/model")
     if board.is_file():
         info["board"] = board.read_text().strip("\x00\n ")
@@ -440,6 +440,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['arch']}"
         + (f" ({m['board']})" if "board" in m else "")
         + f", Python {m['python']}, ai-edge-litert {m['ai-edge-litert']}, load average {load}",
+        f"vector extensions: {' '.join(m.get('cpu_flags', [])) or 'none found'}; int8 "
+        + (
+            "dot product: yes"
+            if m.get("int8_dot_product")
+            else "dot product: no (no VNNI or asimddp/i8mm: expect int8 no faster than float32)"
+        ),
         f"model: {model['architecture']} {model['input_size']} px, {model['version']}",
         "",
         f"{'measure':<44}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'calls/s':>9}{'CPU ms':>8}",

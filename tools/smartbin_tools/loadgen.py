@@ -9,7 +9,6 @@ that is not loopback: it is a measuring tool, not a way to load someone else's b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import ipaddress
 import json
@@ -19,9 +18,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import grpc
 import numpy as np
@@ -37,6 +37,12 @@ from smartbin_tools.stats import percentiles_ms
 
 MAX_DURATION_SECONDS = 3600.0
 MAX_CONCURRENCY = 256
+# A thread whose call was refused at once (the service is down or full) waits before its next
+# call, doubling the wait up to the most, so that a dead target is not called thousands of times
+# a second.
+BACKOFF_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+BACKOFF_FIRST_SECONDS = 0.05
+BACKOFF_MOST_SECONDS = 1.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -80,12 +86,49 @@ def load_images(folder: Path | None) -> list[bytes]:
     return [buffer.getvalue()]
 
 
+class BackoffStub:
+    """A Classifier stub whose Classify, after a call refused with one of ``BACKOFF_CODES``,
+    waits before raising (per thread, doubling while refusals go on, never past ``until()``)."""
+
+    def __init__(
+        self, stub: classifier_pb2_grpc.ClassifierStub, until: Callable[[], float]
+    ) -> None:
+        self._stub = stub
+        self._until = until
+        self._refused = threading.local()
+
+    def Classify(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
+        try:
+            reply = self._stub.Classify(request, timeout=timeout)
+        except grpc.RpcError as err:
+            if err.code() in BACKOFF_CODES:
+                self._wait()
+            raise
+        self._refused.count = 0
+        return reply
+
+    def _wait(self) -> None:
+        count = getattr(self._refused, "count", 0)
+        self._refused.count = count + 1
+        delay = min(BACKOFF_FIRST_SECONDS * 2**count, BACKOFF_MOST_SECONDS)
+        left = self._until() - time.perf_counter()
+        if left > 0:
+            time.sleep(min(delay, left))
+
+
 class RssSampler:
-    """Samples a process's resident memory every ``every`` seconds (none without a pid)."""
+    """Samples a process's resident memory every ``every`` seconds (none without a pid, and
+    none once the process has ended: an ended process that is not yet reaped reads 0)."""
 
     def __init__(self, pid: int | None, every: float = 1.0) -> None:
         self.samples: list[int] = []
-        self._process = psutil.Process(pid) if pid is not None else None
+        self.gone = False
+        self._process: psutil.Process | None = None
+        if pid is not None:
+            try:
+                self._process = psutil.Process(pid)
+            except psutil.Error:
+                self.gone = True
         self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
@@ -95,9 +138,17 @@ class RssSampler:
 
     def sample(self) -> None:
         # When the process has ended, keep what was measured.
-        with contextlib.suppress(psutil.Error):
-            if self._process is not None:
-                self.samples.append(int(self._process.memory_info().rss))
+        if self._process is None or self.gone:
+            return
+        try:
+            if self._process.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.ZombieProcess(self._process.pid)
+            rss = int(self._process.memory_info().rss)
+        except psutil.Error:
+            self.gone = True
+            return
+        if rss:
+            self.samples.append(rss)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -114,12 +165,16 @@ class RssSampler:
 
 
 def summarise(calls: list[Call], seconds: float) -> dict[str, Any]:
-    """Calls/s, latency percentiles of successful calls and errors by code."""
+    """Answered calls/s, latency percentiles of answered calls, failed calls by code.
+
+    Only answered calls make the rate: calls refused by a dead or full target come back at
+    once, and counted as calls they would show a service thousands of times faster than it is.
+    """
     codes = Counter(c.code for c in calls)
     ok = [c.seconds for c in calls if c.code == "OK"]
     return {
         "calls": len(calls),
-        "calls_per_second": len(calls) / seconds if seconds > 0 else 0.0,
+        "calls_per_second": len(ok) / seconds if seconds > 0 else 0.0,
         **percentiles_ms(ok),
         "max_ms": max(ok) * 1000 if ok else float("nan"),
         "errors": len(calls) - len(ok),
@@ -147,7 +202,13 @@ class LoadRun:
         requests = [
             classifier_pb2.ClassifyRequest(image=image, top_k=settings.top_k) for image in images
         ]
-        stub = classifier_pb2_grpc.ClassifierStub(channel)
+        # ClassifyLoad calls only Classify, which BackoffStub has.
+        stub = cast(
+            classifier_pb2_grpc.ClassifierStub,
+            BackoffStub(
+                classifier_pb2_grpc.ClassifierStub(channel), until=lambda: self.load.deadline
+            ),
+        )
         self.load = ClassifyLoad(stub, requests, settings.concurrency, settings.timeout)
         self.rss = RssSampler(pid)
         self.intervals: list[dict[str, Any]] = []
@@ -183,9 +244,9 @@ class LoadRun:
         fresh = self.load.calls_since(seen)
         previous_end = self.intervals[-1]["t"] if self.intervals else 0.0
         row = summarise(fresh, max(now - start - previous_end, 1e-9))
-        rss = self.rss.latest()
+        rss = None if self.rss.gone else self.rss.latest()
         self.intervals.append({"t": now - start, **row, "rss_bytes": rss})
-        rss_text = f"{rss / 2**20:7.1f}" if rss else "    n/a"
+        rss_text = f"{rss / 2**20:7.1f}" if rss else ("   gone" if self.rss.gone else "    n/a")
         print(
             f"{now - start:6.0f} {row['calls_per_second']:8.1f} {row['p50_ms']:7.1f} "
             f"{row['p95_ms']:7.1f} {row['p99_ms']:7.1f} {row['errors']:6d} {rss_text}",
@@ -206,6 +267,7 @@ class LoadRun:
                 "end": rss[-1] if rss else None,
                 "max": max(rss) if rss else None,
             },
+            "server_gone": self.rss.gone,
             "intervals": self.intervals,
         }
 
@@ -222,6 +284,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary["errors_by_code"]:
         lines.append(f"errors by code: {summary['errors_by_code']}")
+    if summary["calls"] and summary["errors"] == summary["calls"]:
+        lines.append(
+            f"no call was answered: all {summary['calls']} failed; is the service at "
+            f"{s['target']} running?"
+        )
+    if summary.get("server_gone"):
+        lines.append("the server process ended during the run")
     rss = summary["rss_bytes"]
     if rss["end"] is not None:
         mb = {k: (f"{v / 2**20:.1f}" if v is not None else "n/a") for k, v in rss.items()}

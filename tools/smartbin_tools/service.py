@@ -93,40 +93,70 @@ def spawn_service(
     """
     command = [python, "-m", "edge_service.server", "--host", "127.0.0.1", "--port", "0"]
     command += ["--metrics-port", "0", *extra_args]
+    child = spawn_child(command, _SERVING_LINE, "smartbin-serve", start_timeout, cwd)
+    port, metrics_port = (int(group) for group in child.match.groups())
+    return ServiceProcess(child.process, port, metrics_port, child.log, child.start_seconds)
+
+
+@dataclass
+class Child:
+    """A child process that said it is ready: the log line's match and when it came."""
+
+    process: subprocess.Popen[str]
+    match: re.Match[str]
+    log: list[str]
+    start_seconds: float
+
+
+def spawn_child(
+    command: list[str],
+    ready: re.Pattern[str],
+    name: str,
+    start_timeout: float = 60.0,
+    cwd: Path | None = None,
+) -> Child:
+    """Start ``command`` and wait for a line of its stderr to match ``ready``; its stderr is
+    collected in ``log`` from then on too.
+
+    Raises:
+        RuntimeError: the process exited or did not get ready in time; the message holds its
+            log.
+    """
     started = time.perf_counter()
     process = subprocess.Popen(
         command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd
     )
     log: list[str] = []
-    serving: list[tuple[int, int, float]] = []
+    found: list[tuple[re.Match[str], float]] = []
     done = threading.Event()
     reader = threading.Thread(
-        target=_read_log, args=(process, log, serving, done), name="serve-log", daemon=True
+        target=_read_log, args=(process, ready, log, found, done), name=f"{name}-log", daemon=True
     )
     reader.start()
-    if not done.wait(start_timeout) or not serving:
+    if not done.wait(start_timeout) or not found:
         if process.poll() is None:
             process.kill()
         process.wait()
         reader.join(5)  # the last lines, for the message
-        raise RuntimeError("smartbin-serve did not start:\n" + "\n".join(log))
-    port, metrics_port, serving_at = serving[0]
-    return ServiceProcess(process, port, metrics_port, log, serving_at - started)
+        raise RuntimeError(f"{name} did not start:\n" + "\n".join(log))
+    match, ready_at = found[0]
+    return Child(process, match, log, ready_at - started)
 
 
 def _read_log(
     process: subprocess.Popen[str],
+    ready: re.Pattern[str],
     log: list[str],
-    serving: list[tuple[int, int, float]],
+    found: list[tuple[re.Match[str], float]],
     done: threading.Event,
 ) -> None:
-    """Collect the child's log lines; on the "serving" line (or the end of the log) set
-    ``done``, the ports and the time it came in ``serving``."""
+    """Collect the child's log lines; on the first line matching ``ready`` (or the end of the
+    log) set ``done``, and the match and the time it came in ``found``."""
     assert process.stderr is not None
     for line in process.stderr:
         log.append(line.rstrip("\n"))
-        match = _SERVING_LINE.search(line)
-        if match and not serving:
-            serving.append((int(match.group(1)), int(match.group(2)), time.perf_counter()))
+        match = ready.search(line)
+        if match and not found:
+            found.append((match, time.perf_counter()))
             done.set()
     done.set()

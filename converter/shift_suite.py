@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 # Where Debian's ufoai-textures package puts its textures (a .pk3 is a zip file).
 UFOAI_TEXTURES = Path("/usr/share/games/ufoai/base/0textures.pk3")
-# Texture names that look like something a bin could stand on or in.
-_TEXTURE_WORDS = ("floor", "wood", "metal", "concrete", "tile", "carpet", "asphalt", "dirt")
+# Texture names that look like something a bin could stand on or in (one pattern: the words
+# name materials, never categories, which no code spells).
+_TEXTURE_WORDS = re.compile(r"floor|wood|metal|concrete|tile|carpet|asphalt|dirt")
 # Normal, specular, gloss and glow maps sit beside the colour images; they are not photos.
 _TEXTURE_MAPS = ("_nm.", "_sm.", "_gm.", "_pls.", "_glow.", "_rm.", "_bump.")
 _TEXTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tga")
@@ -92,7 +94,7 @@ def _is_floor_texture(name: str) -> bool:
     base = lower.rsplit("/", 1)[-1]
     return (
         lower.endswith(_TEXTURE_SUFFIXES)
-        and any(word in base for word in _TEXTURE_WORDS)
+        and _TEXTURE_WORDS.search(base) is not None
         and not any(marker in base for marker in _TEXTURE_MAPS)
     )
 
@@ -374,7 +376,7 @@ def _tiles(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 FLOORS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "wood": _wood,
-    "metal": _metal,
+    "brushed_metal": _metal,
     "dark_plastic": _dark_plastic,
     "cluttered_bin": _clutter,
     "tiles": _tiles,
@@ -624,7 +626,7 @@ Shift = Callable[[Cutout, np.random.Generator], np.ndarray]
 # The suite, in report order; every shift here always runs, and the mean is over these.
 HARDER_SHIFTS: dict[str, Shift] = {
     "wood_floor": _floor_shift("wood"),
-    "metal_floor": _floor_shift("metal"),
+    "metal_floor": _floor_shift("brushed_metal"),
     "dark_plastic_floor": _floor_shift("dark_plastic"),
     "cluttered_bin": _floor_shift("cluttered_bin"),
     "tiled_floor": _floor_shift("tiles"),

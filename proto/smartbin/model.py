@@ -158,7 +158,7 @@ class TFLiteClassifier:
             raise ValueError(
                 f"{path} is not a model the TFLite interpreter can run: {err}"
             ) from err
-        shape = tuple(interpreter.get_input_details()[0]["shape"])
+        shape = tuple(int(d) for d in interpreter.get_input_details()[0]["shape"])
         expected = (1, bundle.preprocessing.input_size, bundle.preprocessing.input_size, 3)
         if shape != expected:
             raise ValueError(

@@ -2,17 +2,22 @@
 
 Decode + preprocess + invoke (the contract's ``prepare`` and ``TFLiteClassifier``, one
 interpreter on all cores, as ``smartbin-serve`` runs by default), called back to back by the
-peers' own load loop at each concurrency, with no transport at all. Its own process, so that its
-resident memory is the model's and Python's alone. Prints its figures as JSON on stdout.
+tools' load loop with no transport at all. A process of its own, without gRPC loaded, so that its
+resident memory is the model's and Python's alone.
 
-    python -m smartbin_tools.peers.bare --bundle DIR --photo FILE --concurrency 1 4 16
+It loads the bundle, writes ``ready`` on stdout, then answers one JSON line per command line on
+stdin: ``{"ask": PATH}`` -> the photo's top label; ``{"load": CONCURRENCY, "seconds": S}`` ->
+the latencies of S seconds of calls on the benchmark photo, and the process's CPU seconds for
+them; ``{"rss": true}`` -> resident bytes. End of input ends it.
+
+    python -m smartbin_tools.peers.bare --bundle DIR --photo FILE
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +26,6 @@ import psutil
 from smartbin.bundle import load_bundle
 from smartbin_tools.loop import CallLoad
 from smartbin_tools.peers.engines import TFLiteEngine
-from smartbin_tools.stats import stats_ms
-
-WARM_CALLS = 3
 
 
 class PipelineLoad(CallLoad):
@@ -43,53 +45,36 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def run(
-    bundle_dir: Path, photo: bytes, levels: list[int], seconds: float, ask: list[Path]
-) -> dict[str, Any]:
+def answer(command: dict[str, Any], engine: TFLiteEngine, photo: bytes) -> dict[str, Any]:
     process = psutil.Process()
-    started = time.perf_counter()
-    engine = TFLiteEngine(load_bundle(bundle_dir))
-    load_seconds = time.perf_counter() - started
-    answers = {path.name: engine.classify(path.read_bytes())[0].label for path in ask}
-    top = engine.classify(photo)[0].label
-    for _ in range(WARM_CALLS - 1):
-        engine.classify(photo)
-    rss_loaded = process.memory_info().rss
-    results: dict[str, Any] = {}
-    for level in levels:
-        load = PipelineLoad(engine, photo, level)
-        load.start(seconds)
+    if "ask" in command:
+        return {"label": engine.classify(Path(command["ask"]).read_bytes())[0].label}
+    if "load" in command:
+        load = PipelineLoad(engine, photo, int(command["load"]))
+        load.start(float(command["seconds"]))
         cpu = cpu_seconds(process)
         elapsed = load.join()
-        cpu = cpu_seconds(process) - cpu
-        ok = [call.seconds for call in load.calls if call.code == "OK"]
-        results[str(level)] = {
-            **stats_ms(ok),
-            "calls_per_second": len(ok) / elapsed,
-            "errors": len(load.calls) - len(ok),
-            "cpu_ms_per_call": cpu * 1000 / max(len(ok), 1),
+        return {
+            "seconds": [call.seconds for call in load.calls if call.code == "OK"],
+            "errors": sum(call.code != "OK" for call in load.calls),
+            "elapsed": elapsed,
+            "cpu": cpu_seconds(process) - cpu,
         }
-    return {
-        "start_seconds": load_seconds,
-        "top_label": top,
-        "answers": answers,
-        "serves": engine.classifier.model.quantization,
-        "rss_loaded_mb": rss_loaded / 2**20,
-        "rss_after_mb": process.memory_info().rss / 2**20,
-        "levels": results,
-    }
+    if "rss" in command:
+        return {"rss": process.memory_info().rss}
+    raise ValueError(f"unknown command {command}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--photo", type=Path, required=True)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--ask", type=Path, nargs="*", default=[], help="photos to answer")
     args = parser.parse_args(argv)
-    result = run(args.bundle, args.photo.read_bytes(), args.concurrency, args.seconds, args.ask)
-    print(json.dumps(result))
+    engine = TFLiteEngine(load_bundle(args.bundle))
+    photo = args.photo.read_bytes()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(answer(json.loads(line), engine, photo)), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ Same model, same photo, same load loop and concurrency for every peer:
 - the same REST service running the float32 model in ONNX Runtime (the .tflite translated to
   ONNX, same weights: smartbin_tools.peers.onnx_export).
 
-Each runs as a child process, started, warmed with three calls, then loaded at each concurrency
-for ``--seconds``; figures are p50/p95/p99, calls/s, CPU time per call (server and client
-together) and resident memory, each also as a ratio to the bare pipeline. ``--rounds`` above 1
-runs the peers again in reverse order and keeps each figure's median. Needs the tools' extra:
+Each runs as a child process. They are started one at a time (each start has the machine to
+itself), asked the sample photos, warmed with three calls; then, at each concurrency, they take
+turns under load, ``--turn`` seconds each, the order rotating every turn, until each has had
+``--seconds``: other work on the machine then falls on every peer alike, as in smartbin-bench.
+Figures are p50/p95/p99, calls/s, CPU time per call (server and client together) and resident
+memory, each also as a ratio to the bare pipeline. Needs the tools' extra:
 ``pip install -e './tools[peers]'``. Timings are printed, never asserted.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -33,13 +36,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import psutil
 
 from smartbin.bundle import BundleError, add_alternative, load_bundle, sha256_file
@@ -122,14 +124,26 @@ def post(port: int, photo: bytes, local: threading.local, timeout: float = 30.0)
 
 
 @dataclass
-class Running:
-    """A started peer: its process, how to load it and how to ask it once."""
+class Block:
+    """One turn of a peer under load: the latencies of the calls answered, the failed calls,
+    the seconds it lasted and the CPU seconds the peer's process and this one spent."""
 
-    process: psutil.Process
+    seconds: list[float]
+    errors: int
+    elapsed: float
+    server_cpu: float
+    client_cpu: float = 0.0
+
+
+@dataclass
+class Running:
+    """A started peer: a turn under load, a question, what it serves, its resident memory."""
+
     start_seconds: float
-    make_load: Callable[[int], CallLoad]
+    block: Callable[[int, float], Block]  # (concurrency, seconds)
     ask: Callable[[bytes], str]  # the top label for a photo
     serves: Callable[[], str]
+    rss: Callable[[], int]
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,27 @@ class Peer:
     key: str
     name: str
     start: Callable[[], Any]  # a context manager yielding Running
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def load_block(server: psutil.Process, load: CallLoad, seconds: float) -> Block:
+    """``load`` for ``seconds``, with the CPU time of the server and of this process."""
+    client = psutil.Process()
+    load.start(seconds)
+    server_cpu, client_cpu = cpu_seconds(server), cpu_seconds(client)
+    elapsed = load.join()
+    ok = [call.seconds for call in load.calls if call.code == "OK"]
+    return Block(
+        ok,
+        len(load.calls) - len(ok),
+        elapsed,
+        cpu_seconds(server) - server_cpu,
+        cpu_seconds(client) - client_cpu,
+    )
 
 
 @contextmanager
@@ -147,10 +182,12 @@ def grpc_peer(bundle: Path, photo: bytes, config: Path | None) -> Iterator[Runni
     ):
         stub = classifier_pb2_grpc.ClassifierStub(channel)
         request = classifier_pb2.ClassifyRequest(image=photo)
+        process = service.psutil_process
         yield Running(
-            service.psutil_process,
             service.start_seconds,
-            lambda level: ClassifyLoad(stub, [request], level),
+            lambda level, seconds: load_block(
+                process, ClassifyLoad(stub, [request], level), seconds
+            ),
             lambda image: (
                 stub.Classify(classifier_pb2.ClassifyRequest(image=image), timeout=30)
                 .predictions[0]
@@ -159,6 +196,7 @@ def grpc_peer(bundle: Path, photo: bytes, config: Path | None) -> Iterator[Runni
             lambda: (
                 stub.GetModelInfo(classifier_pb2.GetModelInfoRequest(), timeout=10).quantization
             ),
+            lambda: int(process.memory_info().rss),
         )
 
 
@@ -168,86 +206,93 @@ def rest_peer(bundle: Path, photo: bytes, engine: str, onnx: Path | None) -> Ite
     command += ["--engine", engine, *(["--onnx", str(onnx)] if onnx else [])]
     child = spawn_child(command, READY_LINE, f"REST peer ({engine})", cwd=REPOSITORY)
     port = int(child.match.group(1))
+    process = psutil.Process(child.process.pid)
     local = threading.local()
     try:
         yield Running(
-            psutil.Process(child.process.pid),
             child.start_seconds,
-            lambda level: HttpLoad(port, photo, level),
+            lambda level, seconds: load_block(process, HttpLoad(port, photo, level), seconds),
             lambda image: post(port, image, local)["predictions"][0]["label"],
             lambda: "int8" if engine == "tflite" else "float32",
+            lambda: int(process.memory_info().rss),
         )
     finally:
         connection = getattr(local, "connection", None)
         if connection is not None:
             connection.close()
-        child.process.terminate()
-        try:
-            child.process.wait(30)
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
+        stop(child.process)
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
-def measure(running: Running, photo: bytes, levels: list[int], seconds: float) -> dict[str, Any]:
-    """The sample photos' answers, warm-up, resident memory, then each concurrency for
-    ``seconds``."""
-    answers = {path.name: running.ask(path.read_bytes()) for path in sample_photos()}
-    top = running.ask(photo)
-    for _ in range(WARM_CALLS - 1):
-        running.ask(photo)
-    rss_loaded = running.process.memory_info().rss
-    client = psutil.Process()
-    results: dict[str, Any] = {}
-    for level in levels:
-        load = running.make_load(level)
-        load.start(seconds)
-        server_cpu, client_cpu = cpu_seconds(running.process), cpu_seconds(client)
-        elapsed = load.join()
-        server_cpu = cpu_seconds(running.process) - server_cpu
-        client_cpu = cpu_seconds(client) - client_cpu
-        ok = [call.seconds for call in load.calls if call.code == "OK"]
-        if not ok:
-            codes = sorted({call.code for call in load.calls})
-            raise RuntimeError(f"no call succeeded at concurrency {level}: {codes}")
-        results[str(level)] = {
-            **stats_ms(ok),
-            "calls_per_second": len(ok) / elapsed,
-            "errors": len(load.calls) - len(ok),
-            "server_cpu_ms_per_call": server_cpu * 1000 / len(ok),
-            "client_cpu_ms_per_call": client_cpu * 1000 / len(ok),
-            "cpu_ms_per_call": (server_cpu + client_cpu) * 1000 / len(ok),
-        }
-    return {
-        "start_seconds": running.start_seconds,
-        "top_label": top,
-        "answers": answers,
-        "serves": running.serves(),
-        "rss_loaded_mb": rss_loaded / 2**20,
-        "rss_after_mb": running.process.memory_info().rss / 2**20,
-        "levels": results,
-    }
-
-
-def measure_bare(bundle: Path, photo_file: Path, levels: list[int], seconds: float) -> Any:
+@contextmanager
+def bare_peer(bundle: Path, photo_file: Path) -> Iterator[Running]:
+    """The bare pipeline's process (peers.bare), driven over its stdin and stdout."""
     command = [sys.executable, "-m", "smartbin_tools.peers.bare", "--bundle", str(bundle)]
-    command += ["--photo", str(photo_file), "--seconds", str(seconds), "--concurrency"]
-    command += [str(level) for level in levels]
-    command += ["--ask", *(str(path) for path in sample_photos())]
+    command += ["--photo", str(photo_file)]
     # The service's own malloc settings (two arenas, large buffers mapped: edge_service.memory),
     # so that the floor's memory is the pipeline's and not glibc's defaults'.
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPOSITORY, check=False, env=env
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPOSITORY, env=env
     )
-    if done.returncode:
-        raise RuntimeError(f"the bare pipeline failed:\n{done.stderr}")
-    return json.loads(done.stdout)
+    assert child.stdin is not None and child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+    if stdout.readline().strip() != "ready":
+        stop(child)
+        raise RuntimeError("the bare pipeline did not start (its errors are above)")
+    start_seconds = time.perf_counter() - started
+
+    def ask(command: dict[str, Any]) -> Any:
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError("the bare pipeline ended (its errors are above)")
+        return json.loads(line)
+
+    def block(level: int, seconds: float) -> Block:
+        done = ask({"load": level, "seconds": seconds})
+        return Block(done["seconds"], done["errors"], done["elapsed"], done["cpu"])
+
+    def label(image: bytes) -> str:
+        photo = photo_file.with_name("asked.jpg")
+        photo.write_bytes(image)
+        answer: str = ask({"ask": str(photo)})["label"]
+        return answer
+
+    try:
+        yield Running(
+            start_seconds, block, label, lambda: "int8", lambda: int(ask({"rss": True})["rss"])
+        )
+    finally:
+        stdin.close()
+        stop(child)
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def summarise(blocks: list[Block]) -> dict[str, Any]:
+    """A peer's turns at one concurrency as one set of figures."""
+    ok = [s for b in blocks for s in b.seconds]
+    if not ok:
+        raise RuntimeError(f"no call succeeded ({sum(b.errors for b in blocks)} failed)")
+    server = sum(b.server_cpu for b in blocks)
+    client = sum(b.client_cpu for b in blocks)
+    return {
+        **stats_ms(ok),
+        "calls_per_second": len(ok) / sum(b.elapsed for b in blocks),
+        "errors": sum(b.errors for b in blocks),
+        "server_cpu_ms_per_call": server * 1000 / len(ok),
+        "client_cpu_ms_per_call": client * 1000 / len(ok),
+        "cpu_ms_per_call": (server + client) * 1000 / len(ok),
+    }
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -269,14 +314,8 @@ def peers(args: argparse.Namespace, work: Path, photo: bytes, onnx: Path) -> lis
     one.write_text("interpreters: 1\n")
     many.write_text(f"interpreters: {args.interpreters}\n")
     both = with_alternative(args.bundle, args.float_model, work)
-    levels, seconds = args.concurrency, args.seconds
-
-    @contextmanager
-    def bare() -> Iterator[dict[str, Any]]:
-        yield measure_bare(args.bundle, photo_file, levels, seconds)
-
     return [
-        Peer("bare", "bare pipeline, int8 (the floor)", bare),
+        Peer("bare", "bare pipeline, int8 (the floor)", lambda: bare_peer(args.bundle, photo_file)),
         Peer(
             "serve-1", "smartbin-serve, 1 interpreter", lambda: grpc_peer(args.bundle, photo, one)
         ),
@@ -303,29 +342,9 @@ def peers(args: argparse.Namespace, work: Path, photo: bytes, onnx: Path) -> lis
     ]
 
 
-def run_peer(peer: Peer, photo: bytes, levels: list[int], seconds: float) -> dict[str, Any]:
-    with peer.start() as started:
-        if isinstance(started, dict):  # the bare pipeline measures itself
-            return started
-        return measure(started, photo, levels, seconds)
-
-
 def sample_photos() -> list[Path]:
     """The service's sample photos, one per category, each named after it."""
     return sorted(SAMPLES_DIR.glob("*.jpg"))
-
-
-def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each figure's median over the rounds (the first round's for the rest)."""
-    merged = json.loads(json.dumps(rounds[0]))
-    for key in ("start_seconds", "rss_loaded_mb", "rss_after_mb"):
-        merged[key] = float(np.median([r[key] for r in rounds]))
-    for level, figures in merged["levels"].items():
-        for key in figures:
-            values = [r["levels"][level][key] for r in rounds]
-            if all(isinstance(v, (int, float)) for v in values):
-                figures[key] = float(np.median(values))
-    return merged
 
 
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +360,46 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             },
         }
     return out
+
+
+def measure(
+    running: dict[str, Running],
+    photo: bytes,
+    levels: list[int],
+    seconds: float,
+    turn: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every peer's answers and memory, then each concurrency level with the peers taking
+    turns of ``turn`` seconds until each has had ``seconds``; the order rotates every turn."""
+    results: dict[str, Any] = {}
+    for key, peer in running.items():
+        answers = {path.name: peer.ask(path.read_bytes()) for path in sample_photos()}
+        top = peer.ask(photo)
+        for _ in range(WARM_CALLS - 1):
+            peer.ask(photo)
+        results[key] = {
+            "start_seconds": peer.start_seconds,
+            "top_label": top,
+            "answers": answers,
+            "serves": peer.serves(),
+            "rss_loaded_mb": peer.rss() / 2**20,
+            "levels": {},
+        }
+    keys = list(running)
+    turns = max(1, math.ceil(seconds / turn - 1e-9))
+    for level in levels:
+        progress(f"concurrency {level}: {turns} turn(s) of {seconds / turns:.2g} s each...")
+        blocks: dict[str, list[Block]] = {key: [] for key in keys}
+        for number in range(turns):
+            shift = number % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                blocks[key].append(running[key].block(level, seconds / turns))
+        for key in keys:
+            results[key]["levels"][str(level)] = summarise(blocks[key])
+    for key, peer in running.items():
+        results[key]["rss_after_mb"] = peer.rss() / 2**20
+    return results
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -363,24 +422,24 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
         },
         "settings": {
             "seconds_per_level": args.seconds,
+            "turn_seconds": args.turn,
             "concurrency": args.concurrency,
-            "rounds": args.rounds,
             "interpreters": args.interpreters,
             "photo": "x".join(map(str, CLASSIFY_SIZE)),
         },
     }
-    with tempfile.TemporaryDirectory(prefix="smartbin-peers-") as work:
+    with tempfile.TemporaryDirectory(prefix="smartbin-peers-") as work, ExitStack() as stack:
         listed = peers(args, Path(work), photo, onnx_path)
         if args.only:
             listed = [p for p in listed if p.key == "bare" or p.key in args.only]
-        rounds: dict[str, list[dict[str, Any]]] = {p.key: [] for p in listed}
-        for number in range(args.rounds):
-            for peer in listed if number % 2 == 0 else listed[::-1]:
-                progress(f"round {number + 1}/{args.rounds}: {peer.name}...")
-                rounds[peer.key].append(run_peer(peer, photo, args.concurrency, args.seconds))
+        running: dict[str, Running] = {}
+        for peer in listed:  # one at a time, so that each start has the machine to itself
+            progress(f"starting {peer.name}...")
+            running[peer.key] = stack.enter_context(peer.start())
+        result["peers"] = measure(
+            running, photo, args.concurrency, args.seconds, args.turn, progress
+        )
     result["names"] = {p.key: p.name for p in listed}
-    result["rounds"] = rounds
-    result["peers"] = {key: median_of(r) for key, r in rounds.items()}
     result["ratios"] = ratios(result["peers"])
     result["machine"]["load_average_end"] = os.getloadavg()
     return result
@@ -396,7 +455,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{' '.join(m.get('cpu_flags', [])) or 'none found'}; load average {load} at the start, "
         f"{load_end} at the end",
         f"model: {model['architecture']} {model['input_size']} px, {model['version']}; photo "
-        f"{s['photo']} JPEG; {s['seconds_per_level']:g} s per level, {s['rounds']} round(s)",
+        f"{s['photo']} JPEG; {s['seconds_per_level']:g} s per peer and level, in turns of "
+        f"{s['turn_seconds']:g} s",
         "",
         f"{'peer':<42}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'calls/s':>9}"
         f"{'CPU ms':>8}{'RSS MB':>8}{'start s':>8}  serves",
@@ -453,9 +513,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_FLOAT_TWIN,
         help="the bundle's float32 .tflite twin (smartbin-convert --float-twin)",
     )
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per concurrency")
+    parser.add_argument(
+        "--seconds", type=float, default=6.0, help="seconds of load per peer and concurrency"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=1, help="runs of all peers; medians kept")
+    parser.add_argument(
+        "--turn", type=float, default=2.0, help="seconds of each peer's turn under load"
+    )
     parser.add_argument(
         "--interpreters", type=int, default=cores(), help="the second service's interpreters"
     )
@@ -465,8 +529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=Path("runs/peers.json"))
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.rounds < 1 or min(args.concurrency) < 1:
-        parser.error("--seconds, --rounds and --concurrency must be positive")
+    if args.seconds <= 0 or args.turn <= 0 or min(args.concurrency) < 1:
+        parser.error("--seconds, --turn and --concurrency must be positive")
     if not args.float_model.is_file():
         parser.error(f"float32 model {args.float_model} not found: pass --float-model")
     return args

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Each part is a distribution of its own (docs/architecture.md); pip installs them in one call
 # because they require each other by name and none is on PyPI.
 EDGE_PARTS := -e ./proto -e ./edge_service -e ./tools
-ALL_PARTS := -e ./proto -e './edge_service[camera-opencv,gpio]' -e ./trainer -e ./converter -e ./tools
+ALL_PARTS := -e ./proto -e './edge_service[camera-opencv,gpio]' -e ./trainer -e ./converter -e './tools[peers]'
 PART_FILES := pyproject.toml proto/pyproject.toml edge_service/pyproject.toml
 
 .PHONY: demo test test-edge lint docs proto release calibrate-default compare bench

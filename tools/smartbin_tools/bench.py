@@ -37,7 +37,10 @@ from smartbin.preprocessing import decode_image, resize_and_crop
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.cpu import cpu_features
 from smartbin_tools.load import ClassifyLoad
-from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
+from smartbin_tools.paths import (
+    SAMPLES_DIR,
+    add_model_arguments,
+)
 from smartbin_tools.service import serve_args, spawn_service
 from smartbin_tools.stats import stats_ms
 
@@ -500,13 +503,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`: "))
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR, help="int8 bundle")
-    parser.add_argument(
-        "--float-model",
-        type=Path,
-        default=DEFAULT_FLOAT_TWIN,
-        help="the bundle's float32 .tflite twin (smartbin-convert --float-twin)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="seconds of Classify load per concurrency"
     )

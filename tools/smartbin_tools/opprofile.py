@@ -32,7 +32,7 @@ from ai_edge_litert.tools import flatbuffer_utils
 
 from smartbin.bundle import BundleError, load_bundle
 from smartbin_tools.cpu import cpu_features
-from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN
+from smartbin_tools.paths import add_model_arguments
 
 OP_NAMES = {
     value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")
@@ -249,13 +249,7 @@ def format_profile(result: dict[str, Any], top: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`: "))
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR, help="int8 bundle")
-    parser.add_argument(
-        "--float-model",
-        type=Path,
-        default=DEFAULT_FLOAT_TWIN,
-        help="the bundle's float32 .tflite twin (smartbin-convert --float-twin)",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     parser.add_argument("--repeats", type=int, default=20, help="timed invokes of each model")
     parser.add_argument("--top", type=int, default=12, help="ops listed one by one")

@@ -4,6 +4,7 @@ reach the edge only by running it, so they name these files by their place in th
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -11,3 +12,14 @@ DEFAULT_BUNDLE_DIR = REPOSITORY / "edge_service" / "default_bundle"
 SAMPLES_DIR = REPOSITORY / "edge_service" / "samples"
 # The default bundle's float32 twin (smartbin-convert --float-twin), kept with the test data.
 DEFAULT_FLOAT_TWIN = REPOSITORY / "tests" / "data" / "default_float32.tflite"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--bundle and --float-model, the pair of models every timing tool compares."""
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR, help="int8 bundle")
+    parser.add_argument(
+        "--float-model",
+        type=Path,
+        default=DEFAULT_FLOAT_TWIN,
+        help="the bundle's float32 .tflite twin (smartbin-convert --float-twin)",
+    )

@@ -49,7 +49,11 @@ from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.bench import CLASSIFY_SIZE, cores, machine, sample_jpeg
 from smartbin_tools.load import ClassifyLoad
 from smartbin_tools.loop import CallLoad
-from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, REPOSITORY, SAMPLES_DIR
+from smartbin_tools.paths import (
+    REPOSITORY,
+    SAMPLES_DIR,
+    add_model_arguments,
+)
 from smartbin_tools.service import serve_args, spawn_child, spawn_service
 from smartbin_tools.stats import stats_ms
 
@@ -506,13 +510,7 @@ def reference(result: dict[str, Any]) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`: "))
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR, help="int8 bundle")
-    parser.add_argument(
-        "--float-model",
-        type=Path,
-        default=DEFAULT_FLOAT_TWIN,
-        help="the bundle's float32 .tflite twin (smartbin-convert --float-twin)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--seconds", type=float, default=6.0, help="seconds of load per peer and concurrency"
     )

@@ -23,3 +23,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_FLOAT_TWIN,
         help="the bundle's float32 .tflite twin (smartbin-convert --float-twin)",
     )
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error unless ``--float-model`` names a file (the bundle is checked when read)."""
+    if not args.float_model.is_file():
+        parser.error(f"float32 model {args.float_model} not found: pass --float-model")

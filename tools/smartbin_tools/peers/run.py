@@ -53,6 +53,7 @@ from smartbin_tools.paths import (
     REPOSITORY,
     SAMPLES_DIR,
     add_model_arguments,
+    check_model_arguments,
 )
 from smartbin_tools.service import serve_args, spawn_child, spawn_service
 from smartbin_tools.stats import stats_ms
@@ -529,8 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.turn <= 0 or min(args.concurrency) < 1:
         parser.error("--seconds, --turn and --concurrency must be positive")
-    if not args.float_model.is_file():
-        parser.error(f"float32 model {args.float_model} not found: pass --float-model")
+    check_model_arguments(parser, args)
     return args
 
 

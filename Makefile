@@ -3,6 +3,8 @@ PYTHON ?= python3
 # Two environments: the edge alone (what a bin installs: no torch) and everything.
 EDGE_VENV ?= .venv-edge
 VENV ?= .venv
+# Outside clients (tritonclient), whose protobuf the contract's cannot share an environment with.
+CLIENTS_VENV ?= .venv-clients
 EDGE_BIN := $(EDGE_VENV)/bin
 BIN := $(VENV)/bin
 # Each part is a distribution of its own (docs/architecture.md); pip installs them in one call
@@ -25,6 +27,11 @@ $(EDGE_VENV)/.installed: $(PART_FILES) | $(EDGE_BIN)/python
 # Every part, and the test, lint, docs and deploy tools.
 $(VENV)/.installed: $(PART_FILES) trainer/pyproject.toml converter/pyproject.toml tools/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(ALL_PARTS) --group dev
+	touch $@
+
+# tests/clients run these clients as child processes against a real service.
+$(CLIENTS_VENV)/.installed: pyproject.toml | $(CLIENTS_VENV)/bin/python
+	$(CLIENTS_VENV)/bin/pip install -q --group clients
 	touch $@
 
 demo: $(EDGE_VENV)/.installed
@@ -52,7 +59,7 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-test: lint docs
+test: lint docs $(CLIENTS_VENV)/.installed
 	$(BIN)/pytest
 
 proto: $(VENV)/.installed

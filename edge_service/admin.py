@@ -1,16 +1,18 @@
 """Who may change the bin: the admin calls, the gate on the public port, the admin listener.
 
-Calls that change what the bin does (:data:`ADMIN_METHODS`: ``ReloadModel`` today) need an
-operator. On the public gRPC port :class:`AdminGate` lets one through only when the caller
-presented a client certificate that the port verified against ``tls.client_ca`` and whose name
-(subject CN or a subject alternative name) is listed in ``admin.allowed_clients``; every other
-caller gets PERMISSION_DENIED, counted in ``smartbin_requests_total{code="PERMISSION_DENIED"}``.
+Calls that change what the bin does (:data:`ADMIN_METHODS`: ``ReloadModel``,
+``RollbackModel``...) need an operator. On the public gRPC port :class:`AdminGate` lets one
+through only when the caller presented a client certificate that the port verified against
+``tls.client_ca`` and whose name (subject CN or a subject alternative name) is listed in
+``admin.allowed_clients``; every other caller gets PERMISSION_DENIED, counted in
+``smartbin_requests_total{code="PERMISSION_DENIED"}``.
 The admin listener, a second gRPC server bound to loopback only (``admin.host``/``admin.port``),
 serves the same service to operators on the bin itself, without the gate. ``Classify`` and the
 other calls that only read stay as open as the port is.
 
-``python -m edge_service.admin reload [BUNDLE]`` asks a bin to reload, by default through the
-admin listener of this machine.
+``python -m edge_service.admin reload [BUNDLE]`` asks a bin to reload, and
+``python -m edge_service.admin rollback`` to swap back to its previous bundle, by default
+through the admin listener of this machine.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ logger = logging.getLogger(__name__)
 _SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 # The Classifier methods that change the bin, as gRPC names them. A method added later that
 # changes the bin (its model, its settings, its files) belongs here.
-ADMIN_METHODS = frozenset(f"/{_SERVICE}/{name}" for name in ("ReloadModel",))
+# ExportLabelled changes nothing, but the photos it hands out are the site's.
+ADMIN_METHODS = frozenset(
+    f"/{_SERVICE}/{name}" for name in ("ReloadModel", "RollbackModel", "ExportLabelled")
+)
 # What the admin listener may take: one call at a time is what operators need.
 ADMIN_WORKERS = 2
 # The auth context properties that name a verified peer certificate.
@@ -229,17 +234,24 @@ def main(argv: list[str] | None = None) -> None:
         help="bundle folder on the bin (a name is taken from the folder holding the served "
         "bundle); empty: the configured one again",
     )
+    commands.add_parser(
+        "rollback", help="serve the bundle served before the last swap again (kept on the bin)"
+    )
     args = parser.parse_args(argv)
     with channel_from_args(parser, args) as channel:
         stub = classifier_pb2_grpc.ClassifierStub(channel)
         try:
-            info = stub.ReloadModel(
-                classifier_pb2.ReloadModelRequest(bundle_path=args.bundle), timeout=120
-            )
+            if args.command == "rollback":
+                info = stub.RollbackModel(classifier_pb2.RollbackModelRequest(), timeout=120)
+            else:
+                info = stub.ReloadModel(
+                    classifier_pb2.ReloadModelRequest(bundle_path=args.bundle), timeout=120
+                )
         except grpc.RpcError as err:
-            sys.exit(f"reload refused: {err.code().name}: {err.details()}")
+            sys.exit(f"{args.command} refused: {err.code().name}: {err.details()}")
     labels, sha = len(info.labels), info.model_sha256[:12]
-    print(f"serving {info.model_version} ({labels} labels, sha256 {sha})")
+    before = f", previous {info.previous_model_version}" if info.previous_model_version else ""
+    print(f"serving {info.model_version} ({labels} labels, sha256 {sha}{before})")
 
 
 if __name__ == "__main__":

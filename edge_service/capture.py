@@ -163,7 +163,11 @@ class CaptureLoop:
             capture_seconds = frame.read_seconds
         taken_at = time.time() - (time.monotonic() - frame.taken_at)
         answer = self.pipeline.answer(
-            self.models.current, frame.image, capture_seconds=capture_seconds
+            self.models.current,
+            frame.image,
+            capture_seconds=capture_seconds,
+            trigger=source,
+            taken_at=taken_at,
         )
         event = Event(next(self._event_ids), taken_at, source, answer)
         self.hub.publish(event)

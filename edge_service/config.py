@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,6 +16,7 @@ from edge_service.const import (
     DEFAULT_GRPC_PORT,
     DEFAULT_METRICS_PORT,
 )
+from smartbin.rollout import check_bin_id
 
 
 class _Section(BaseModel):
@@ -122,6 +124,17 @@ class UnsureImagesConfig(_Section):
     max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
 
 
+class LabelledImagesConfig(_Section):
+    """Where photos filed on the review page are kept, one sub-folder per label
+    (edge_service/labelled_store.py); ExportLabelled streams them off the bin."""
+
+    folder: Path
+    max_files: int = Field(20_000, ge=1, description="photos kept; filing more is refused")
+    max_bytes: int = Field(
+        2 * 2**30, ge=1024, description="bytes kept; filing beyond them is refused"
+    )
+
+
 class TLSConfig(_Section):
     """Certificates for the gRPC port. With ``client_ca`` set, callers must present a
     certificate signed by it (mutual TLS)."""
@@ -131,6 +144,42 @@ class TLSConfig(_Section):
     client_ca: Path | None = Field(
         None,
         description="PEM CA bundle; when set, only clients with a certificate it signed get in",
+    )
+
+
+class WebConfig(_Section):
+    """The bin's web port (edge_service/web/): the HTTP/JSON API, the Open Inference Protocol's
+    HTTP routes (/v2/...) and, with ``review``, the review page; off by default."""
+
+    enabled: bool = Field(False, description="serve the web port")
+    host: str = Field(
+        "127.0.0.1",
+        description="address the web port binds; loopback by default: set 0.0.0.0 (with tls) "
+        "to let other machines in",
+    )
+    port: int = Field(8080, ge=0, le=65535, description="web port; 0 picks a free one")
+    tls: TLSConfig | None = Field(
+        None,
+        description="serve HTTPS with these PEM files, as the gRPC port's tls (with client_ca, "
+        "callers must present a certificate it signed); plain HTTP when absent",
+    )
+    review: bool = Field(False, description="serve the review page of unsure photos")
+    review_password_file: Path | None = Field(
+        None,
+        description="file holding the operator's password for the review page (HTTP basic "
+        "auth, any user name); without it, and without tls.client_ca, the page answers "
+        "loopback clients only",
+    )
+    review_recent: int = Field(
+        24,
+        ge=0,
+        le=500,
+        description="recent answers the review page shows, kept in memory with their photos",
+    )
+    review_recent_max_bytes: int = Field(
+        32 * 2**20,
+        ge=0,
+        description="memory the recent answers' photos may take; the oldest go first",
     )
 
 
@@ -198,6 +247,57 @@ class BundleSigningConfig(_Section):
     required: bool = Field(
         False, description="serve only bundles signed by one of trusted_keys (or the shipped one)"
     )
+
+
+class RegressionConfig(_Section):
+    """When a canary rolls back by itself: its unsure or error rate on the new model, over at
+    least ``min_answers`` answers, above the previous model's on this bin by more than the
+    margin (absolute: 0.10 is ten percentage points)."""
+
+    unsure_margin: float = Field(0.10, ge=0.0, le=1.0)
+    error_margin: float = Field(0.05, ge=0.0, le=1.0)
+    min_answers: int = Field(
+        20,
+        ge=1,
+        description="answers on each model before the rates are compared (the previous "
+        "model's unsure rate is compared only when it gave this many)",
+    )
+
+
+class FleetConfig(_Section):
+    """Fleet rollouts (edge_service/rollout.py): the bin polls a bundle store over HTTP(S),
+    downloads a published bundle, checks it and swaps it in, canaries first."""
+
+    store_url: str = Field(
+        description="HTTP(S) address of the store prefix holding rollout.json, e.g. "
+        "https://s3.example.com/bucket/fleet/ (objects readable without credentials, by "
+        "bucket policy or a private network)"
+    )
+    bin_id: str = Field(description="this bin's name in rollouts (canary lists, status)")
+    bundles_dir: Path = Field(
+        description="where downloaded bundles are kept, with the bin's rollout state; the "
+        "bundle served and the previous one are never removed"
+    )
+    poll_seconds: float = Field(300.0, gt=0.0, description="how often the store is polled")
+    keep_bundles: int = Field(3, ge=2, le=100, description="downloaded bundles kept on disk")
+    ca: Path | None = Field(None, description="PEM CA bundle for an HTTPS store; else system")
+    timeout_seconds: float = Field(30.0, gt=0.0, description="per request to the store")
+    regression: RegressionConfig = Field(default_factory=RegressionConfig)
+
+    @field_validator("store_url")
+    @classmethod
+    def _http_prefix(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"fleet.store_url {url!r} must be an http:// or https:// address of the store "
+                "prefix (for S3: https://ENDPOINT/BUCKET/PREFIX/)"
+            )
+        return url if url.endswith("/") else url + "/"
+
+    @field_validator("bin_id")
+    @classmethod
+    def _bin_name(cls, name: str) -> str:
+        return check_bin_id(name)
 
 
 class ServiceConfig(BaseModel):
@@ -284,6 +384,17 @@ class ServiceConfig(BaseModel):
     unsure_images: UnsureImagesConfig | None = Field(
         None, description="keep photos of unsure answers on disk"
     )
+    labelled_images: LabelledImagesConfig | None = Field(
+        None, description="where the review page files labelled photos; needed by web.review"
+    )
+    bin_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="this bin's name, kept with every labelled photo; default fleet.bin_id, "
+        "else the host name",
+    )
     event_queue_size: int = Field(
         32, ge=1, le=10_000, description="events buffered per WatchEvents stream"
     )
@@ -311,12 +422,21 @@ class ServiceConfig(BaseModel):
         default_factory=BundleSigningConfig,
         description="serve only bundles signed by trusted keys",
     )
+    web: WebConfig = Field(
+        default_factory=WebConfig,
+        description="the HTTP/JSON and Open Inference Protocol web port (and the review page)",
+    )
+    fleet: FleetConfig | None = Field(
+        None, description="take model rollouts from a bundle store; None: no fleet rollouts"
+    )
 
     @model_validator(mode="after")
     def verify_bin_settings(self) -> ServiceConfig:
         verify_triggers_have_camera(self)
         verify_watchers_leave_workers(self)
         verify_admin_clients_are_verified(self)
+        verify_review_settings(self)
+        settle_bin_id(self)
         return self
 
 
@@ -342,6 +462,44 @@ def verify_admin_clients_are_verified(config: ServiceConfig) -> None:
             "admin.allowed_clients names client certificates, but the service checks none: "
             "set tls.client_ca (mutual TLS), or remove admin.allowed_clients and reload "
             "through the admin listener on the bin"
+        )
+
+
+def settle_bin_id(config: ServiceConfig) -> None:
+    # One name per bin: a fleet bin's labelled photos carry the name its rollouts know it by.
+    if config.fleet is None:
+        return
+    if "bin_id" not in config.model_fields_set:
+        config.bin_id = config.fleet.bin_id
+    elif config.bin_id != config.fleet.bin_id:
+        raise ValueError(
+            f"bin_id {config.bin_id!r} and fleet.bin_id {config.fleet.bin_id!r} name the same "
+            "bin differently: remove bin_id (it defaults to fleet.bin_id) or make them equal"
+        )
+
+
+def verify_review_settings(config: ServiceConfig) -> None:
+    # The page files photos and shows what the camera sees: only an operator may reach it.
+    web = config.web
+    if not (web.enabled and web.review):
+        return
+    if config.labelled_images is None:
+        raise ValueError(
+            "web.review files photos into labelled_images.folder: add a labelled_images: "
+            "section with a folder"
+        )
+    if is_loopback(web.host):
+        return
+    if web.tls is None:
+        raise ValueError(
+            f"web.review on web.host {web.host!r}, which other machines reach: set web.tls "
+            "(HTTPS) so that photos and the operator's password do not cross the network in "
+            "the clear, or bind web.host to 127.0.0.1"
+        )
+    if web.tls.client_ca is None and web.review_password_file is None:
+        raise ValueError(
+            f"web.review on web.host {web.host!r} needs the operator's identity: set "
+            "web.review_password_file or web.tls.client_ca (client certificates)"
         )
 
 

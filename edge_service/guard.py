@@ -25,13 +25,14 @@ error-rate alert reads: the refusals gRPC would make unseen (its concurrency lim
 over ``max_message_bytes``) are made here instead, so that they are counted too.
 
 gRPC's own parsing answers a malformed request with INTERNAL, which tells a caller nothing; here it
-gets INVALID_ARGUMENT with the parser's reason. ``abort_if_expired`` lets a handler stop between
-its stages once its caller has given up.
+gets INVALID_ARGUMENT with the parser's reason. A classification stops between its stages once
+its caller has given up (``edge_service.classify.check_still_wanted``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -62,19 +63,31 @@ REFUSAL_THREADS = 2
 GRPC_END_GRACE_SECONDS = 0.25
 # Request messages from this size up count in the photo memory; smaller ones are noise.
 COUNTED_REQUEST_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
-def abort_if_expired(context: grpc.ServicerContext, work: str) -> None:
-    """End the call before ``work`` when its caller has given up on it.
+def counted(method: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Count a unary handler's calls by final status code and time them (the servicer holds
+    the service's ``metrics``)."""
 
-    Raises:
-        Exception: gRPC's abort, with DEADLINE_EXCEEDED or CANCELLED.
-    """
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed before {work}")
-    if not context.is_active():
-        context.abort(grpc.StatusCode.CANCELLED, f"call cancelled before {work}")
+    def wrap(handler: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(handler)
+        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return handler(self, request, context)
+            except Exception:
+                # grpcio has had ServicerContext.code() since 1.38; types-grpcio lacks it.
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+                raise
+            finally:
+                self.metrics.requests.labels(method, code.name).inc()
+                self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
+        return wrapper
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,10 @@ class CallLimits:
         working_methods: the full method names that need a worker.
         counted_service: calls of this service are counted in smartbin_requests_total.
         memory: where the request messages of calls being served are counted.
+        also_counted: further services whose calls are counted there (the Open Inference
+            Protocol's, served on the same port).
+        workers: the ``max_working`` places, when they are shared with another port (the web
+            port's classifications take the same ones); None: places of the guard's own.
     """
 
     max_calls: int | None = None
@@ -99,6 +116,8 @@ class CallLimits:
     working_methods: frozenset[str] = field(default_factory=frozenset)
     counted_service: str = "smartbin.v1.Classifier"
     memory: DecodeBudget | None = None
+    also_counted: frozenset[str] = field(default_factory=frozenset)
+    workers: threading.BoundedSemaphore | None = None
 
 
 class _Places:
@@ -186,7 +205,7 @@ class CallGuard(grpc.ServerInterceptor):
         self.limits = limits or CallLimits()
         self._places = _Places(self.limits.max_calls)
         self._health_places = _Places(HEALTH_PLACES)
-        self._workers = (
+        self._workers = self.limits.workers or (
             threading.BoundedSemaphore(self.limits.max_working)
             if self.limits.max_working is not None
             else None
@@ -236,7 +255,7 @@ class CallGuard(grpc.ServerInterceptor):
 
     def _refused(self, call: _Call, reason: str, code: grpc.StatusCode) -> None:
         self.metrics.refusals.labels(call.name, reason).inc()
-        if call.service == self.limits.counted_service:
+        if call.service == self.limits.counted_service or call.service in self.limits.also_counted:
             self.metrics.requests.labels(call.name, code.name).inc()
 
     def _refusal(self, handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,36 @@ class UntrustedBundle(ReloadError):
 
 class OutsideReloadDirs(Exception):
     """A reload named a folder the service does not load bundles from."""
+
+
+class NothingToRollBack(ReloadError):
+    """RollbackModel on a bin that has served no other bundle since it started."""
+
+
+@dataclass(frozen=True)
+class ServedBundle:
+    """A bundle the bin served: where it lies and what it held, so that a rollback can tell
+    whether the folder still holds the same model."""
+
+    path: Path
+    version: str
+    model_sha256: str
+
+    @classmethod
+    def of(cls, classifier: TFLiteClassifier) -> ServedBundle:
+        bundle = classifier.bundle
+        return cls(bundle.path, bundle.version, bundle.manifest.model.sha256)
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": str(self.path), "version": self.version, "sha256": self.model_sha256}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> ServedBundle:
+        return cls(Path(data["path"]), data["version"], data["sha256"])
+
+
+# Called after every swap with (the bundle served before, the bundle served now).
+SwapListener = Callable[[ServedBundle, ServedBundle], None]
 
 
 def reload_target(requested: str, served: Path, reload_dirs: Sequence[Path] = ()) -> Path:
@@ -115,7 +146,9 @@ def load_checked(
 class ModelSlot:
     """Holds the served classifier; ``reload`` replaces it only with a bundle that passes.
 
-    Readers take ``slot.current`` once per call. Swapping is one reference assignment.
+    Readers take ``slot.current`` once per call. Swapping is one reference assignment. The slot
+    remembers the bundle served before the last swap (``previous``, a folder that stays on
+    disk) so that ``rollback`` can swap back to it without a download.
     """
 
     def __init__(
@@ -132,6 +165,8 @@ class ModelSlot:
         self._trust = trust
         self._metrics = metrics
         self._lock = threading.Lock()  # one reload at a time
+        self.previous: ServedBundle | None = None
+        self.swap_listeners: list[SwapListener] = []
         self._publish(classifier)
 
     def reload(self, path: Path) -> TFLiteClassifier:
@@ -149,19 +184,83 @@ class ModelSlot:
                 self._metrics.reloads.labels(outcome).inc()
                 logger.error("model reload from %s refused: %s", path, err)
                 raise
-            old, self.current = self.current, classifier
-            self._metrics.reloads.labels("success").inc()
-            self._publish(classifier)
+            old = self._swap(classifier)
+        self._after_swap(old, classifier)
+        return classifier
+
+    def rollback(self, reason: str = "manual") -> TFLiteClassifier:
+        """Serve the bundle served before the last swap again; the one served now becomes the
+        previous one, so a second rollback swaps forward.
+
+        Args:
+            reason: why, for ``smartbin_rollout_rollbacks_total`` ("manual" or "regression").
+
+        Raises:
+            NothingToRollBack: no other bundle was served since the service started.
+            ReloadError: the previous bundle is gone, changed or fails its checks; the model
+                keeps serving.
+        """
+        with self._lock:
+            previous = self.previous
+            if previous is None:
+                raise NothingToRollBack(
+                    "this bin has served no other bundle since it started: there is nothing "
+                    "to roll back to (ReloadModel serves a bundle by its folder)"
+                )
+            classifier = self._load_previous(previous)
+            old = self._swap(classifier)
+            self._metrics.rollbacks.labels(reason).inc()
+        self._after_swap(old, classifier)
+        return classifier
+
+    @property
+    def previous_version(self) -> str:
+        return self.previous.version if self.previous is not None else ""
+
+    def _load_previous(self, previous: ServedBundle) -> TFLiteClassifier:
+        """The previous bundle, loaded and checked, and still the model it was."""
+        try:
+            classifier = load_checked(
+                previous.path, self._num_threads, self._interpreters, self._trust
+            )
+        except ReloadError as err:
+            self._metrics.reloads.labels("failed").inc()
+            raise ReloadError(
+                f"the previous bundle ({previous.version}) at {previous.path} cannot be served: "
+                f"{err}"
+            ) from err
+        found = ServedBundle.of(classifier)
+        if (found.version, found.model_sha256) != (previous.version, previous.model_sha256):
+            self._metrics.reloads.labels("failed").inc()
+            raise ReloadError(
+                f"the previous bundle's folder {previous.path} now holds {found.version} "
+                f"(model sha256 {found.model_sha256[:12]}), not {previous.version} "
+                f"({previous.model_sha256[:12]}): it changed after the swap; serve a bundle by "
+                "its folder with ReloadModel instead"
+            )
+        return classifier
+
+    def _swap(self, classifier: TFLiteClassifier) -> TFLiteClassifier:
+        """Serve ``classifier`` (under the lock); returns the one it replaced."""
+        old, self.current = self.current, classifier
+        self.previous = ServedBundle.of(old)
+        self._metrics.reloads.labels("success").inc()
+        self._publish(classifier)
+        return old
+
+    def _after_swap(self, old: TFLiteClassifier, new: TFLiteClassifier) -> None:
         logger.info(
             "model %s (%d labels) replaced %s",
-            classifier.bundle.version,
-            len(classifier.bundle.labels),
+            new.bundle.version,
+            len(new.bundle.labels),
             old.bundle.version,
         )
-        return classifier
+        for listener in self.swap_listeners:
+            listener(ServedBundle.of(old), ServedBundle.of(new))
 
     def _publish(self, classifier: TFLiteClassifier) -> None:
         bundle = classifier.bundle
+        self._metrics.start_model_labels(bundle.labels)
         self._metrics.model_info.info(
             {
                 "version": bundle.version,

@@ -18,8 +18,11 @@ from edge_service.capture import CaptureLoop
 from edge_service.classify import Pipeline
 from edge_service.config import ServiceConfig
 from edge_service.events import EventHub
+from edge_service.labelled_store import LabelledStore
 from edge_service.metrics import ServiceMetrics
+from edge_service.recent import RecentAnswers
 from edge_service.reload import BundleWatcher, ModelSlot
+from edge_service.rollout import FleetPoller
 from edge_service.unsure_store import UnsureStore
 from smartbin.model import TFLiteClassifier
 
@@ -53,8 +56,18 @@ class BinRuntime:
         self.config = config
         # Reloads pass the same bundle_signing policy as the bundle served at start.
         self.models = ModelSlot(classifier, config.num_threads, metrics, config.interpreters, trust)
-        store = UnsureStore(config.unsure_images) if config.unsure_images else None
-        self.pipeline = Pipeline(metrics, config.confidence_threshold, store)
+        store = UnsureStore(config.unsure_images, metrics) if config.unsure_images else None
+        # The review page's pieces: the last answers (only when the page is on: each costs a
+        # JPEG in memory) and the labelled photos (also streamed by ExportLabelled).
+        self.recent: RecentAnswers | None = None
+        if config.web.enabled and config.web.review:
+            self.recent = RecentAnswers(
+                config.web.review_recent, config.web.review_recent_max_bytes
+            )
+        self.labelled: LabelledStore | None = None
+        if config.labelled_images is not None:
+            self.labelled = LabelledStore(config.labelled_images, config.bin_id)
+        self.pipeline = Pipeline(metrics, config.confidence_threshold, store, self.recent)
         self.hub = EventHub(config.event_queue_size, config.max_watchers, metrics)
         self.capture: CaptureLoop | None = None
         if config.camera is not None:
@@ -72,12 +85,18 @@ class BinRuntime:
             self.watcher = BundleWatcher(
                 config.bundle, config.watch_bundle_seconds, self.models.reload
             )
+        # Fleet rollouts from a bundle store (edge_service/rollout.py).
+        self.fleet: FleetPoller | None = None
+        if config.fleet is not None:
+            self.fleet = FleetPoller(config.fleet, self.models, metrics)
 
     def start(self) -> None:
         if self.capture is not None:
             self.capture.start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.fleet is not None:
+            self.fleet.start()
 
     def end_streams(self) -> None:
         """End open WatchEvents streams so that they do not hold up the shutdown grace."""
@@ -87,5 +106,7 @@ class BinRuntime:
         """Stop the watcher and the capture loop; release the camera and the GPIO pin."""
         if self.watcher is not None:
             self.watcher.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.capture is not None:
             self.capture.stop()

@@ -1,5 +1,5 @@
 """The gRPC Classifier service: Classify, GetModelInfo, Capture, WatchEvents, ReloadModel,
-health, reflection and /metrics."""
+RollbackModel, health, reflection and /metrics."""
 
 from __future__ import annotations
 
@@ -13,68 +13,52 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from PIL import Image
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
-from edge_service.admin import AdminGate, admin_address, admin_port, start_admin_listener
+from edge_service import oip
+from edge_service.admin import (
+    ADMIN_METHODS,
+    AdminGate,
+    admin_address,
+    admin_port,
+    start_admin_listener,
+)
 from edge_service.bundle_trust import BundleTrust
 from edge_service.capture import CameraUnavailable
-from edge_service.classify import Timings, TopKError, check_top_k
+from edge_service.classify import Refused, Timings, TopKError, UploadClassifier, check_top_k
 from edge_service.config import ServiceConfig, load_config
 from edge_service.const import API_VERSION, service_version
 from edge_service.events import Event, TooManyWatchers
-from edge_service.guard import HEALTH_PLACES, BoundedHealth, CallGuard, CallLimits, abort_if_expired
+from edge_service.export import serve_export
+from edge_service.guard import HEALTH_PLACES, BoundedHealth, CallGuard, CallLimits, counted
 from edge_service.logs import rate_limit_repeats
-from edge_service.memory import BudgetBusy, DecodeBudget, Lease, TooLargeForBudget, tune_malloc
+from edge_service.memory import DecodeBudget, tune_malloc
 from edge_service.metrics import ServiceMetrics
+from edge_service.oip import OpenInferenceModel
 from edge_service.reload import OutsideReloadDirs, ReloadError, reload_target
+from edge_service.rollout import load_startup_bundle
 from edge_service.runtime import BinRuntime
 from edge_service.tls import server_credentials
+from edge_service.web.app import WebServer, create_app
 from smartbin.bundle import BUNDLE_FORMAT_VERSION, BundleError
 from smartbin.model import Prediction, TFLiteClassifier
-from smartbin.preprocessing import ImageDecodeError, decode_image
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
-T = TypeVar("T")
 # How often an idle WatchEvents stream checks that its caller is still there.
 WATCH_POLL_SECONDS = 1.0
-
-
-def counted(method: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Count a unary handler's calls by final status code and time them."""
-
-    def wrap(handler: Callable[..., T]) -> Callable[..., T]:
-        @functools.wraps(handler)
-        def wrapper(self: ClassifierServicer, request: Any, context: grpc.ServicerContext) -> T:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return handler(self, request, context)
-            except Exception:
-                # grpcio has had ServicerContext.code() since 1.38; types-grpcio lacks it.
-                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-                raise
-            finally:
-                self.metrics.requests.labels(method, code.name).inc()
-                self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
-
-        return wrapper
-
-    return wrap
 
 
 def predictions_pb(predictions: tuple[Prediction, ...]) -> list[classifier_pb2.Prediction]:
@@ -113,6 +97,12 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         self.metrics = metrics
         self.runtime = runtime
         self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait_seconds)
+        # The one classification path of every route that takes an uploaded photo.
+        self.uploads = UploadClassifier(
+            runtime, config.max_pixels, self.decode_budget, metrics, config.max_workers
+        )
+        # The Open Inference Protocol's model, on this port (oip.py) and the web port's /v2.
+        self.inference = OpenInferenceModel(self.uploads)
         metrics.decode_budget_bytes.set(config.decode_budget_bytes)
         metrics.decode_reserved_bytes.set_function(lambda: self.decode_budget.used)
 
@@ -125,54 +115,22 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     def Classify(
         self, request: classifier_pb2.ClassifyRequest, context: grpc.ServicerContext
     ) -> classifier_pb2.ClassifyResponse:
-        # One read of the reference: a call finishes on the model it started with.
-        classifier = self.classifier
-        self._check_top_k(classifier, request.top_k, context)
-        started = time.perf_counter()
-        data = request.image  # each read of the field is a copy of the photo
-        # The photo's decode reserves its memory from the budget all calls share, and its RGB
-        # image stays reserved until the answer is made (edge_service/memory.py).
-        with self.decode_budget.lease(context.time_remaining(), len(data)) as lease:
-            image = self._decode(data, classifier, lease, context)
-            # A large photo can outlast its caller's deadline; then the model need not run.
-            abort_if_expired(context, "inference")
-            answer = self.runtime.pipeline.answer(
-                classifier, image, decode_seconds=time.perf_counter() - started, encoded=data
+        try:
+            answer = self.uploads.classify(
+                request.image,  # each read of the field is a copy of the photo: read once
+                request.top_k,
+                "Classify",
+                context.time_remaining,
+                context.is_active,
             )
-            image.close()
+        except Refused as err:
+            context.abort(err.code, err.message)
         return classifier_pb2.ClassifyResponse(
             predictions=predictions_pb(answer.top(request.top_k)),
             model_version=answer.model_version,
             timings=timings_pb(answer.timings),
             unsure=answer.unsure,
         )
-
-    def _decode(
-        self,
-        data: bytes,
-        classifier: TFLiteClassifier,
-        lease: Lease,
-        context: grpc.ServicerContext,
-    ) -> Image.Image:
-        """The upright RGB photo, within the decode budget; aborts the call when the bytes are
-        not a photo it can classify or the budget has no room for it."""
-        try:
-            image = decode_image(
-                data,
-                self.config.max_pixels,
-                min_size=classifier.bundle.preprocessing.resize_size,
-                admit=lease.admit,
-            )
-        except ImageDecodeError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except TooLargeForBudget as err:  # it would never fit: the caller must send another
-            self.metrics.refusals.labels("Classify", "decode_budget_exceeded").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except BudgetBusy as err:  # the bin is busy: a retry may find room
-            self.metrics.refusals.labels("Classify", "decode_budget_busy").inc()
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        lease.settle()
-        return image
 
     @staticmethod
     def _check_top_k(
@@ -187,7 +145,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     def GetModelInfo(
         self, request: classifier_pb2.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> classifier_pb2.ModelInfo:
-        return model_info_pb(self.classifier)
+        return model_info_pb(self.classifier, self.runtime.models.previous_version)
 
     @counted("Capture")
     def Capture(
@@ -247,10 +205,32 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"bundle {path} refused, model {serving} keeps serving: {err}",
             )
-        return model_info_pb(classifier)
+        return model_info_pb(classifier, self.runtime.models.previous_version)
+
+    @counted("RollbackModel")
+    def RollbackModel(
+        self, request: classifier_pb2.RollbackModelRequest, context: grpc.ServicerContext
+    ) -> classifier_pb2.ModelInfo:
+        serving = self.classifier.bundle.version
+        try:
+            classifier = self.runtime.models.rollback()
+        except ReloadError as err:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no rollback, model {serving} keeps serving: {err}",
+            )
+        return model_info_pb(classifier, self.runtime.models.previous_version)
+
+    def ExportLabelled(
+        self, request: classifier_pb2.ExportLabelledRequest, context: grpc.ServicerContext
+    ) -> Iterator[classifier_pb2.LabelledPhoto]:
+        # The photos filed on the review page (edge_service/export.py); an admin call.
+        return serve_export(self.runtime.labelled, self.metrics, request, context)
 
 
-def model_info_pb(classifier: TFLiteClassifier) -> classifier_pb2.ModelInfo:
+def model_info_pb(
+    classifier: TFLiteClassifier, previous_version: str = ""
+) -> classifier_pb2.ModelInfo:
     bundle = classifier.bundle
     size = bundle.preprocessing.input_size
     return classifier_pb2.ModelInfo(
@@ -266,6 +246,7 @@ def model_info_pb(classifier: TFLiteClassifier) -> classifier_pb2.ModelInfo:
         service_version=service_version(),
         bundle_format_version=BUNDLE_FORMAT_VERSION,
         api_version=API_VERSION,
+        previous_model_version=previous_version,
     )
 
 
@@ -284,17 +265,28 @@ class RunningService:
     # The loopback admin listener (edge_service/admin.py) and its port; None when it is off.
     admin_server: grpc.Server | None = None
     admin_port: int | None = None
+    # The web port (edge_service/web/) and its port; None when web.enabled is off.
+    web: WebServer | None = None
+    web_port: int | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, end event streams and health watches, let calls in flight finish,
         then stop the camera, triggers and bundle watcher and close the ports."""
         self.health.enter_graceful_shutdown()
+        self.servicer.inference.serving.clear()
         self.health.end_watches()
         self.runtime.end_streams()
         admin_stopped = self.admin_server.stop(grace) if self.admin_server else None
+        # The web port drains its calls in the same grace, beside the gRPC port.
+        web_stopping = None
+        if self.web is not None:
+            web_stopping = threading.Thread(target=self.web.stop, args=(grace,), name="web-stop")
+            web_stopping.start()
         self.server.stop(grace).wait()
         if admin_stopped is not None:
             admin_stopped.wait()
+        if web_stopping is not None:
+            web_stopping.join()
         self.runtime.stop()
         self._http.shutdown()
         self._http.server_close()
@@ -310,10 +302,13 @@ def create_server(config: ServiceConfig) -> RunningService:
         OSError: a port is already taken.
     """
     trust = BundleTrust.from_config(config.bundle_signing)
-    bundle = trust.load(config.bundle)
+    # A fleet bin starts on the bundle its last rollout swapped in (edge_service/rollout.py).
+    bundle = load_startup_bundle(config, trust)
     classifier = TFLiteClassifier(bundle, config.num_threads, config.interpreters)
     credentials = server_credentials(config.tls) if config.tls else None
-    metrics = ServiceMetrics(camera=config.camera is not None)
+    metrics = ServiceMetrics(
+        camera=config.camera is not None, unsure_store=config.unsure_images is not None
+    )
     metrics.build_info.info(
         {
             "version": service_version(),
@@ -342,6 +337,10 @@ def create_server(config: ServiceConfig) -> RunningService:
         )
         server = grpc_server(config, metrics, servicer, health_servicer, gate)
         port = bind_grpc(server, config, credentials)
+        web = bind_web(config, servicer, metrics)
+        if web is not None:
+            undo.callback(web.stop, 0.0)
+            web.start()
         undo.pop_all()
     metrics_port = http_server.server_address[1]
     server.start()
@@ -349,11 +348,20 @@ def create_server(config: ServiceConfig) -> RunningService:
         admin_server.start()
         # Before the "serving" line: whoever waits for that line finds this one too.
         logger.info(
-            "admin calls (ReloadModel) on %s, plaintext, for this machine only",
+            "admin calls (%s) on %s, plaintext, for this machine only",
+            ", ".join(sorted(name.rsplit("/", 1)[1] for name in ADMIN_METHODS)),
             admin_address(config, bound_admin_port),
         )
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    servicer.inference.serving.set()
+    if web is not None:
+        logger.info(
+            "web port (HTTP/JSON API, /v2 Open Inference Protocol) on %s://%s:%d",
+            web.scheme,
+            config.web.host,
+            web.port,
+        )
     runtime.start()
     logger.info(
         "serving model %s (%s) on gRPC port %d (%s), metrics on port %d",
@@ -374,7 +382,24 @@ def create_server(config: ServiceConfig) -> RunningService:
         runtime,
         admin_server=admin_server,
         admin_port=bound_admin_port,
+        web=web,
+        web_port=web.port if web is not None else None,
     )
+
+
+def bind_web(
+    config: ServiceConfig, servicer: ClassifierServicer, metrics: ServiceMetrics
+) -> WebServer | None:
+    """The web port (edge_service/web/), bound but not started; None when web.enabled is off.
+
+    Raises:
+        OSError: the port cannot be bound.
+        ValueError: the web.tls files are unusable.
+    """
+    if not config.web.enabled:
+        return None
+    app = create_app(config, servicer.runtime, servicer.uploads, servicer.inference, metrics)
+    return WebServer(app, config)
 
 
 def start_metrics_http(config: ServiceConfig, metrics: ServiceMetrics) -> WSGIServer:
@@ -408,7 +433,12 @@ def grpc_server(
         # holds its thread waiting for its request message holds no other caller up); the
         # computing is bounded by max_workers, and CallGuard refuses beyond max_concurrent_rpcs.
         futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + HEALTH_PLACES),
-        interceptors=[CallGuard(metrics, call_limits(config, servicer.decode_budget)), gate],
+        interceptors=[
+            CallGuard(
+                metrics, call_limits(config, servicer.decode_budget, servicer.uploads.workers)
+            ),
+            gate,
+        ],
         options=[
             # Twice the limit: CallGuard refuses and counts the messages just over it.
             ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
@@ -418,9 +448,11 @@ def grpc_server(
     )
     classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    oip.add_to_server(servicer.inference, metrics, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            oip.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -429,9 +461,15 @@ def grpc_server(
     return server
 
 
-def call_limits(config: ServiceConfig, memory: DecodeBudget | None = None) -> CallLimits:
-    """What the public port's CallGuard enforces: the Classifier's unary calls need a worker,
-    and request messages count in ``memory``, the photo memory."""
+def call_limits(
+    config: ServiceConfig,
+    memory: DecodeBudget | None = None,
+    workers: threading.BoundedSemaphore | None = None,
+) -> CallLimits:
+    """What the public port's CallGuard enforces: the Classifier's unary calls and ModelInfer
+    need a worker (one of ``workers``, shared with the web port), and request messages count in
+    ``memory``, the photo memory. The Open Inference Protocol's calls are counted beside the
+    Classifier's."""
     service = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
     return CallLimits(
         max_calls=config.max_concurrent_rpcs,
@@ -442,8 +480,11 @@ def call_limits(config: ServiceConfig, memory: DecodeBudget | None = None) -> Ca
             f"/{SERVICE_NAME}/{method.name}"
             for method in service.methods
             if not method.server_streaming
-        ),
+        )
+        | {f"/{oip.SERVICE_NAME}/ModelInfer"},
         counted_service=SERVICE_NAME,
+        also_counted=frozenset({oip.SERVICE_NAME}),
+        workers=workers,
         memory=memory,
     )
 

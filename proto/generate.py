@@ -1,4 +1,5 @@
-"""Generate the Python gRPC stubs for proto/smartbin/v1 beside the .proto files.
+"""Generate the Python gRPC stubs beside the .proto files: proto/smartbin/v1 (our API) and
+proto/inference (the Open Inference Protocol's, KServe's grpc_predict_v2.proto, kept as it is).
 
 Run ``python proto/generate.py`` after editing a .proto; CI runs it with ``--check`` and fails
 when the committed stubs differ from what the .proto files generate.

@@ -8,6 +8,7 @@ import datetime
 import io
 import ipaddress
 import json
+import re
 import shutil
 import socket
 import time
@@ -32,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 # A dozen real TrashNet photos per class, small (tests/data/photos/SOURCE.md).
 PHOTOS = DATA / "photos"
+# The line a server logs when its loopback admin listener is up; group 1 is its address.
+ADMIN_LINE = re.compile(r"admin calls \([^)]*\) on (\S+),")
 
 
 class HasMetricsPort(Protocol):

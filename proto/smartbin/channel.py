@@ -48,6 +48,7 @@ def open_channel(
     cert: Path | None = None,
     key: Path | None = None,
     server_name: str | None = None,
+    options: list[tuple[str, int | str]] | None = None,
 ) -> grpc.Channel:
     """A plaintext channel, or a TLS one when any of ``ca``, ``cert``, ``key`` is given.
 
@@ -58,14 +59,17 @@ def open_channel(
         key: PEM private key of ``cert``.
         server_name: name to check the service's certificate against, when it differs from
             the host in ``target``.
+        options: gRPC channel options (a larger ``grpc.max_receive_message_length``...).
 
     Raises:
         ValueError: a certificate file is unreadable, or only one of cert and key was given.
     """
+    settings = list(options or [])
     if ca is None and cert is None and key is None:
-        return grpc.insecure_channel(target)
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(target, channel_credentials(ca, cert, key), options=options)
+        return grpc.insecure_channel(target, options=settings)
+    if server_name:
+        settings.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, channel_credentials(ca, cert, key), options=settings)
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:

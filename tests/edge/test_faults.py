@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import signal
 import socket
@@ -20,14 +19,13 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import PHOTOS, copy_bundle, metric, scrape, slow_png, wait_for
+from helpers import ADMIN_LINE, PHOTOS, copy_bundle, metric, scrape, slow_png, wait_for
 
 from smartbin.bundle import Bundle
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 from smartbin_tools.service import spawn_service
 
 GRACE_SECONDS = 8.0
-ADMIN_LINE = re.compile(r"admin calls \(ReloadModel\) on (\S+),")
 SLOW_CALLS = 4
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import signal
 import struct
 import subprocess
@@ -24,7 +23,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import PHOTOS, free_port, local_config, metric, scrape, wait_for
+from helpers import ADMIN_LINE, PHOTOS, free_port, local_config, metric, scrape, wait_for
 from PIL import Image
 
 from edge_service.server import RunningService, create_server
@@ -33,7 +32,6 @@ from smartbin_tools import loadgen
 from smartbin_tools.service import ServiceProcess, spawn_service
 
 CLASSIFY = "/smartbin.v1.Classifier/Classify"
-ADMIN_LINE = re.compile(r"admin calls \(ReloadModel\) on (\S+),")
 MB = 1_000_000
 # The real process's decode budget: small, so that a few modest photos fill it.
 BUDGET = 40 * MB

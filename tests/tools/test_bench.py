@@ -15,6 +15,7 @@ from smartbin.bundle import load_bundle
 from smartbin.preprocessing import prepare
 from smartbin_tools import bench
 from smartbin_tools.paths import DEFAULT_BUNDLE_DIR, DEFAULT_FLOAT_TWIN, SAMPLES_DIR
+from smartbin_tools.routes import ROUTE_NAMES
 
 STATS = {"p50_ms", "p95_ms", "p99_ms", "mean_ms", "count"}
 
@@ -51,6 +52,10 @@ def test_bench_runs_end_to_end_and_writes_every_figure(
     assert STATS | {"cpu_ms_per_call"} <= service["bare_pipeline"].keys()
     assert STATS | {"server_cpu_ms_per_call"} <= service["classify_beside_bare"].keys()
     assert set(service["classify"]) == {"1", "4", "16"}
+    # Every route that classifies a photo, timed beside Classify (HTTP, the v2 protocol).
+    assert set(service["routes"]) == set(ROUTE_NAMES)
+    for route in service["routes"].values():
+        assert STATS | {"server_cpu_ms_per_call"} <= route.keys()
     for level in service["classify"].values():
         assert STATS | {"server_cpu_ms_per_call", "client_cpu_ms_per_call"} <= level.keys()
         assert level["calls_per_second"] > 0 and level["errors"] == 0
@@ -59,7 +64,13 @@ def test_bench_runs_end_to_end_and_writes_every_figure(
     assert set(result["goals"]) == set(bench.GOALS)
     for goal in result["goals"].values():
         assert math.isfinite(goal["value"]) and isinstance(goal["met"], bool)
-    for name in ("int8 / float32 invoke", "Classify p50 / bare pipeline", "start to SERVING"):
+    for name in (
+        "int8 / float32 invoke",
+        "Classify p50 / bare pipeline",
+        "start to SERVING",
+        "HTTP POST /api/v1/classify",
+        "v2 gRPC ModelInfer p50 / Classify p50",
+    ):
         assert name in table
 
 

@@ -4,8 +4,10 @@ Times the bare interpreter (the shipped int8 model and its float32 twin, one thr
 cores) and decode + preprocess of a small and a camera-sized JPEG in this process; then starts
 ``smartbin-serve`` as a child process, times start to SERVING, reads its resident memory, runs
 Classify over loopback taking turns with the bare pipeline (decode + preprocess + invoke in this
-process), and drives Classify at several concurrencies. Prints a table, writes the figures as
-JSON, and states the ratios against their goals. Everything runs on one machine in one run, so
+process), times the other routes that classify a photo (HTTP /api/v1/classify, the Open
+Inference Protocol's ModelInfer over gRPC and /v2 infer over HTTP) taking turns with Classify,
+and drives Classify at several concurrencies. Prints a table, writes the figures as JSON, and
+states the ratios against their goals. Everything runs on one machine in one run, so
 the ratios mean something on any machine even where the absolute figures do not.
 """
 
@@ -42,6 +44,7 @@ from smartbin_tools.paths import (
     add_model_arguments,
     check_model_arguments,
 )
+from smartbin_tools.routes import ROUTE_NAMES, route_calls, web_config, web_port
 from smartbin_tools.service import serve_args, spawn_service
 from smartbin_tools.stats import stats_ms
 
@@ -64,6 +67,8 @@ GOALS: dict[str, tuple[float, bool]] = {
     "throughput_over_ideal": (0.8, False),
     "rss_mb": (120.0, True),
     "start_to_serving_seconds": (2.0, True),
+    "http_classify_over_classify": (1.2, True),
+    "v2_grpc_infer_over_classify": (1.1, True),
 }
 
 
@@ -73,6 +78,8 @@ GOAL_NAMES = {
     "throughput_over_ideal": f"calls/s at concurrency {THROUGHPUT_LEVEL} / ideal",
     "rss_mb": "serving RSS, MB",
     "start_to_serving_seconds": "start to SERVING, s",
+    "http_classify_over_classify": "HTTP classify p50 / Classify p50",
+    "v2_grpc_infer_over_classify": "v2 gRPC ModelInfer p50 / Classify p50",
 }
 
 
@@ -318,11 +325,37 @@ def bench_classify(
     }
 
 
+def bench_routes(
+    calls: dict[str, Callable[[], object]], server: psutil.Process, repeats: int
+) -> dict[str, Any]:
+    """Each route that classifies a photo, at concurrency 1, the routes taking turns in short
+    blocks (so that other work on the machine weighs on all alike), with the server's CPU time
+    per call, which other work barely moves."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu = dict.fromkeys(calls, 0.0)
+    for call in calls.values():
+        call()  # the first call of each sets up its connection
+    while len(times["grpc_classify"]) < repeats:
+        count = min(BLOCK, repeats - len(times["grpc_classify"]))
+        for name, call in calls.items():
+            before = cpu_seconds(server)
+            for _ in range(count):
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+            cpu[name] += cpu_seconds(server) - before
+    return {
+        name: {**stats_ms(t), "server_cpu_ms_per_call": cpu[name] * 1000 / len(t)}
+        for name, t in times.items()
+    }
+
+
 def bench_service(args: argparse.Namespace, bare: BarePipeline, jpeg: bytes) -> dict[str, Any]:
-    """Start to SERVING, resident memory, Classify beside the bare pipeline, and Classify at
-    each concurrency level."""
+    """Start to SERVING, resident memory, Classify beside the bare pipeline, the routes side by
+    side, and Classify at each concurrency level."""
     with (
-        spawn_service(serve_args(args.bundle, args.config)) as service,
+        web_config(args.config) as config,
+        spawn_service(serve_args(args.bundle, config)) as service,
         grpc.insecure_channel(service.target) as channel,
     ):
         process = service.psutil_process
@@ -331,6 +364,8 @@ def bench_service(args: argparse.Namespace, bare: BarePipeline, jpeg: bytes) -> 
             stub.Classify(classifier_pb2.ClassifyRequest(image=jpeg), timeout=30)
         rss_loaded = process.memory_info().rss
         pairs = bench_pipeline_pairs(bare, stub, process, jpeg, args.repeats)
+        with route_calls(channel, web_port(service.log), jpeg) as calls:
+            routes = bench_routes(calls, process, args.repeats)
         levels = {
             str(level): bench_classify(stub, process, jpeg, level, args.seconds)
             for level in args.concurrency
@@ -342,6 +377,7 @@ def bench_service(args: argparse.Namespace, bare: BarePipeline, jpeg: bytes) -> 
         "rss_after_load_mb": rss_after / 2**20,
         "bare_pipeline": pairs["bare"],
         "classify_beside_bare": pairs["classify"],
+        "routes": routes,
         "classify": levels,
     }
 
@@ -362,6 +398,8 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     ideal = cores_ * 1000 / one["int8"]["p50_ms"]
     loaded = service["classify"].get(THROUGHPUT_LEVEL)
     nan = float("nan")
+    routes = service["routes"]
+    classify_p50 = routes["grpc_classify"]["p50_ms"]
     return {
         "int8_over_float32": one["int8"]["p50_ms"] / one["float32"]["p50_ms"],
         "int8_over_float32_all_cores": many["int8"]["p50_ms"] / many["float32"]["p50_ms"],
@@ -370,6 +408,15 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         "throughput_over_ideal": loaded["calls_per_second"] / ideal if loaded else nan,
         "rss_mb": max(service["rss_loaded_mb"], service["rss_after_load_mb"]),
         "start_to_serving_seconds": service["start_to_serving_seconds"],
+        "http_classify_over_classify": routes["http_classify"]["p50_ms"] / classify_p50,
+        "v2_grpc_infer_over_classify": routes["v2_grpc_infer"]["p50_ms"] / classify_p50,
+        "v2_http_infer_over_classify": routes["v2_http_infer"]["p50_ms"] / classify_p50,
+        "cpu_http_classify_over_classify": routes["http_classify"]["server_cpu_ms_per_call"]
+        / routes["grpc_classify"]["server_cpu_ms_per_call"],
+        "cpu_v2_grpc_infer_over_classify": routes["v2_grpc_infer"]["server_cpu_ms_per_call"]
+        / routes["grpc_classify"]["server_cpu_ms_per_call"],
+        "cpu_v2_http_infer_over_classify": routes["v2_http_infer"]["server_cpu_ms_per_call"]
+        / routes["grpc_classify"]["server_cpu_ms_per_call"],
         "cpu_classify_over_bare_pipeline": beside["server_cpu_ms_per_call"]
         / bare["cpu_ms_per_call"],
         "cpu_invoke_over_classify": one["int8"]["cpu_ms_per_call"]
@@ -476,6 +523,8 @@ def format_table(result: dict[str, Any]) -> str:
     image = result["settings"]["classify_image"]
     row(f"bare pipeline {image}, {m['cores']} threads", service["bare_pipeline"])
     row("gRPC Classify, taking turns with it", service["classify_beside_bare"])
+    for key, s in service["routes"].items():
+        row(f"{ROUTE_NAMES[key]}, taking turns", s)
     for level, c in service["classify"].items():
         row(f"gRPC Classify, concurrency {level}", c, c["calls_per_second"])
     figures = result["ratios"]
@@ -487,6 +536,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"{figures['ideal_calls_per_second']:.1f}",
         f"int8 / float32 invoke, {m['cores']} threads: "
         f"{figures['int8_over_float32_all_cores']:.2f}",
+        f"v2 HTTP infer p50 / Classify p50: {figures['v2_http_infer_over_classify']:.2f}; "
+        "in server CPU time / Classify's: HTTP classify "
+        f"{figures['cpu_http_classify_over_classify']:.2f}, v2 gRPC infer "
+        f"{figures['cpu_v2_grpc_infer_over_classify']:.2f}, v2 HTTP infer "
+        f"{figures['cpu_v2_http_infer_over_classify']:.2f}",
         f"in CPU time: Classify / bare pipeline {figures['cpu_classify_over_bare_pipeline']:.2f}, "
         f"int8 1-thread invoke / Classify at concurrency {THROUGHPUT_LEVEL} "
         f"{figures['cpu_invoke_over_classify']:.2f}",

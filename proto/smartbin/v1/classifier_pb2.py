@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csmartbin/v1/classifier.proto\x12\x0bsmartbin.v1\"/\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\"*\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8d\x01\n\x0cStageTimings\x12\x17\n\x0f\x63\x61pture_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12preprocess_seconds\x18\x03 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\x93\x01\n\x10\x43lassifyResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.smartbin.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.smartbin.v1.StageTimings\x12\x0e\n\x06unsure\x18\x04 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xd3\x02\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x12\x34\n\x07metrics\x18\x07 \x03(\x0b\x32#.smartbin.v1.ModelInfo.MetricsEntry\x12\x15\n\rmanifest_json\x18\x08 \x01(\t\x12\x17\n\x0fservice_version\x18\t \x01(\t\x12\x1d\n\x15\x62undle_format_version\x18\n \x01(\r\x12\x13\n\x0b\x61pi_version\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\x0e\x43\x61ptureRequest\x12\r\n\x05top_k\x18\x01 \x01(\r\"\xe3\x01\n\x13\x43lassificationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0f\n\x07trigger\x18\x03 \x01(\t\x12,\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x17.smartbin.v1.Prediction\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0e\n\x06unsure\x18\x06 \x01(\x08\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.smartbin.v1.StageTimings\x12\x15\n\rmissed_events\x18\x08 \x01(\x04\"\x14\n\x12WatchEventsRequest\")\n\x12ReloadModelRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t2\x85\x03\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.smartbin.v1.ClassifyRequest\x1a\x1d.smartbin.v1.ClassifyResponse\x12H\n\x0cGetModelInfo\x12 .smartbin.v1.GetModelInfoRequest\x1a\x16.smartbin.v1.ModelInfo\x12H\n\x07\x43\x61pture\x12\x1b.smartbin.v1.CaptureRequest\x1a .smartbin.v1.ClassificationEvent\x12R\n\x0bWatchEvents\x12\x1f.smartbin.v1.WatchEventsRequest\x1a .smartbin.v1.ClassificationEvent0\x01\x12\x46\n\x0bReloadModel\x12\x1f.smartbin.v1.ReloadModelRequest\x1a\x16.smartbin.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csmartbin/v1/classifier.proto\x12\x0bsmartbin.v1\"/\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\"*\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8d\x01\n\x0cStageTimings\x12\x17\n\x0f\x63\x61pture_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12preprocess_seconds\x18\x03 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\x93\x01\n\x10\x43lassifyResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.smartbin.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.smartbin.v1.StageTimings\x12\x0e\n\x06unsure\x18\x04 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xf3\x02\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x12\x34\n\x07metrics\x18\x07 \x03(\x0b\x32#.smartbin.v1.ModelInfo.MetricsEntry\x12\x15\n\rmanifest_json\x18\x08 \x01(\t\x12\x17\n\x0fservice_version\x18\t \x01(\t\x12\x1d\n\x15\x62undle_format_version\x18\n \x01(\r\x12\x13\n\x0b\x61pi_version\x18\x0b \x01(\t\x12\x1e\n\x16previous_model_version\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\x0e\x43\x61ptureRequest\x12\r\n\x05top_k\x18\x01 \x01(\r\"\xe3\x01\n\x13\x43lassificationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0f\n\x07trigger\x18\x03 \x01(\t\x12,\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x17.smartbin.v1.Prediction\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0e\n\x06unsure\x18\x06 \x01(\x08\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.smartbin.v1.StageTimings\x12\x15\n\rmissed_events\x18\x08 \x01(\x04\"\x14\n\x12WatchEventsRequest\")\n\x12ReloadModelRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\"\x16\n\x14RollbackModelRequest\"/\n\x15\x45xportLabelledRequest\x12\x16\n\x0eskip_photo_ids\x18\x01 \x03(\t\"\xd8\x01\n\rLabelledPhoto\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x10\n\x08taken_at\x18\x05 \x01(\x01\x12\x13\n\x0blabelled_at\x18\x06 \x01(\x01\x12\x0e\n\x06\x62in_id\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12(\n\x07guesses\x18\t \x03(\x0b\x32\x17.smartbin.v1.Prediction\x12\x0f\n\x07trigger\x18\n \x01(\t2\xa5\x04\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.smartbin.v1.ClassifyRequest\x1a\x1d.smartbin.v1.ClassifyResponse\x12H\n\x0cGetModelInfo\x12 .smartbin.v1.GetModelInfoRequest\x1a\x16.smartbin.v1.ModelInfo\x12H\n\x07\x43\x61pture\x12\x1b.smartbin.v1.CaptureRequest\x1a .smartbin.v1.ClassificationEvent\x12R\n\x0bWatchEvents\x12\x1f.smartbin.v1.WatchEventsRequest\x1a .smartbin.v1.ClassificationEvent0\x01\x12\x46\n\x0bReloadModel\x12\x1f.smartbin.v1.ReloadModelRequest\x1a\x16.smartbin.v1.ModelInfo\x12J\n\rRollbackModel\x12!.smartbin.v1.RollbackModelRequest\x1a\x16.smartbin.v1.ModelInfo\x12R\n\x0e\x45xportLabelled\x12\".smartbin.v1.ExportLabelledRequest\x1a\x1a.smartbin.v1.LabelledPhoto0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,17 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=432
   _globals['_GETMODELINFOREQUEST']._serialized_end=453
   _globals['_MODELINFO']._serialized_start=456
-  _globals['_MODELINFO']._serialized_end=795
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=749
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=795
-  _globals['_CAPTUREREQUEST']._serialized_start=797
-  _globals['_CAPTUREREQUEST']._serialized_end=828
-  _globals['_CLASSIFICATIONEVENT']._serialized_start=831
-  _globals['_CLASSIFICATIONEVENT']._serialized_end=1058
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1060
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1080
-  _globals['_RELOADMODELREQUEST']._serialized_start=1082
-  _globals['_RELOADMODELREQUEST']._serialized_end=1123
-  _globals['_CLASSIFIER']._serialized_start=1126
-  _globals['_CLASSIFIER']._serialized_end=1515
+  _globals['_MODELINFO']._serialized_end=827
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=781
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=827
+  _globals['_CAPTUREREQUEST']._serialized_start=829
+  _globals['_CAPTUREREQUEST']._serialized_end=860
+  _globals['_CLASSIFICATIONEVENT']._serialized_start=863
+  _globals['_CLASSIFICATIONEVENT']._serialized_end=1090
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1092
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1112
+  _globals['_RELOADMODELREQUEST']._serialized_start=1114
+  _globals['_RELOADMODELREQUEST']._serialized_end=1155
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=1157
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=1179
+  _globals['_EXPORTLABELLEDREQUEST']._serialized_start=1181
+  _globals['_EXPORTLABELLEDREQUEST']._serialized_end=1228
+  _globals['_LABELLEDPHOTO']._serialized_start=1231
+  _globals['_LABELLEDPHOTO']._serialized_end=1447
+  _globals['_CLASSIFIER']._serialized_start=1450
+  _globals['_CLASSIFIER']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)

@@ -53,7 +53,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "input_height", "input_width", "quantization", "model_version", "model_sha256", "metrics", "manifest_json", "service_version", "bundle_format_version", "api_version")
+    __slots__ = ("labels", "input_height", "input_width", "quantization", "model_version", "model_sha256", "metrics", "manifest_json", "service_version", "bundle_format_version", "api_version", "previous_model_version")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class ModelInfo(_message.Message):
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     input_height: int
     input_width: int
@@ -83,7 +84,8 @@ class ModelInfo(_message.Message):
     service_version: str
     bundle_format_version: int
     api_version: str
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., quantization: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest_json: _Optional[str] = ..., service_version: _Optional[str] = ..., bundle_format_version: _Optional[int] = ..., api_version: _Optional[str] = ...) -> None: ...
+    previous_model_version: str
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., quantization: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest_json: _Optional[str] = ..., service_version: _Optional[str] = ..., bundle_format_version: _Optional[int] = ..., api_version: _Optional[str] = ..., previous_model_version: _Optional[str] = ...) -> None: ...
 
 class CaptureRequest(_message.Message):
     __slots__ = ("top_k",)
@@ -120,3 +122,37 @@ class ReloadModelRequest(_message.Message):
     BUNDLE_PATH_FIELD_NUMBER: _ClassVar[int]
     bundle_path: str
     def __init__(self, bundle_path: _Optional[str] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportLabelledRequest(_message.Message):
+    __slots__ = ("skip_photo_ids",)
+    SKIP_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    skip_photo_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, skip_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LabelledPhoto(_message.Message):
+    __slots__ = ("photo_id", "label", "image", "sha256", "taken_at", "labelled_at", "bin_id", "model_version", "guesses", "trigger")
+    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_AT_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_AT_FIELD_NUMBER: _ClassVar[int]
+    BIN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GUESSES_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    photo_id: str
+    label: str
+    image: bytes
+    sha256: str
+    taken_at: float
+    labelled_at: float
+    bin_id: str
+    model_version: str
+    guesses: _containers.RepeatedCompositeFieldContainer[Prediction]
+    trigger: str
+    def __init__(self, photo_id: _Optional[str] = ..., label: _Optional[str] = ..., image: _Optional[bytes] = ..., sha256: _Optional[str] = ..., taken_at: _Optional[float] = ..., labelled_at: _Optional[float] = ..., bin_id: _Optional[str] = ..., model_version: _Optional[str] = ..., guesses: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., trigger: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,16 @@ class ClassifierStub:
                 request_serializer=smartbin_dot_v1_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
                 response_deserializer=smartbin_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/smartbin.v1.Classifier/RollbackModel',
+                request_serializer=smartbin_dot_v1_dot_classifier__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=smartbin_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.ExportLabelled = channel.unary_stream(
+                '/smartbin.v1.Classifier/ExportLabelled',
+                request_serializer=smartbin_dot_v1_dot_classifier__pb2.ExportLabelledRequest.SerializeToString,
+                response_deserializer=smartbin_dot_v1_dot_classifier__pb2.LabelledPhoto.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -118,6 +128,32 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackModel(self, request, context):
+        """Swaps back to the bundle served before the last swap (a ReloadModel, a fleet rollout or an
+        earlier RollbackModel), which the bin keeps on disk: nothing is downloaded. The bundle
+        passes the same checks as a reload, and must still be the version and model it was. A
+        second RollbackModel swaps forward again. On a fleet bin, the rollout it rolls back from is
+        not offered to it again. An admin call, like ReloadModel.
+        FAILED_PRECONDITION: the bin has served no other bundle since it started, or that bundle
+        is gone, changed or fails its checks (the message says which); the model keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportLabelled(self, request, context):
+        """Streams the photos an operator filed on the bin's review page (its labelled_images
+        folder), oldest taken first, each with its label and where and when it was taken: the
+        bin's part of a training folder (smartbin-collect writes one). Photos whose photo_id is in
+        skip_photo_ids are left out, so a collector that was cut off resumes where it stopped. An
+        admin call, like ReloadModel: the photos are the site's.
+        FAILED_PRECONDITION: the bin keeps no labelled photos (no labelled_images in its config).
+        PERMISSION_DENIED: the caller is not the operator (see ReloadModel).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +181,16 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ReloadModel,
                     request_deserializer=smartbin_dot_v1_dot_classifier__pb2.ReloadModelRequest.FromString,
                     response_serializer=smartbin_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=smartbin_dot_v1_dot_classifier__pb2.RollbackModelRequest.FromString,
+                    response_serializer=smartbin_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'ExportLabelled': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportLabelled,
+                    request_deserializer=smartbin_dot_v1_dot_classifier__pb2.ExportLabelledRequest.FromString,
+                    response_serializer=smartbin_dot_v1_dot_classifier__pb2.LabelledPhoto.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -283,6 +329,60 @@ class Classifier:
             '/smartbin.v1.Classifier/ReloadModel',
             smartbin_dot_v1_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
             smartbin_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smartbin.v1.Classifier/RollbackModel',
+            smartbin_dot_v1_dot_classifier__pb2.RollbackModelRequest.SerializeToString,
+            smartbin_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportLabelled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/smartbin.v1.Classifier/ExportLabelled',
+            smartbin_dot_v1_dot_classifier__pb2.ExportLabelledRequest.SerializeToString,
+            smartbin_dot_v1_dot_classifier__pb2.LabelledPhoto.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 from edge_service.config import LabelledImagesConfig
 from edge_service.recent import Guess, PhotoRecord
+from smartbin.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +114,6 @@ class LabelledPhoto:
             size=int(data["size"]),
             path=path,
         )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old
-    file or the whole new one, never part of it."""
-    partial = path.with_name(f".{path.name}.part")
-    with open(partial, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    partial.replace(path)
 
 
 class LabelledStore:

@@ -49,6 +49,7 @@ from edge_service.config import FleetConfig, RegressionConfig, ServiceConfig
 from edge_service.metrics import ServiceMetrics
 from edge_service.reload import ModelSlot, ReloadError, ServedBundle
 from smartbin.bundle import MANIFEST_NAME, Bundle, BundleError
+from smartbin.files import write_atomically
 from smartbin.rollout import (
     ROLLOUT_NAME,
     STATUS_FOLDER,
@@ -193,12 +194,7 @@ class FleetState:
             "current": self.current.to_json() if self.current else None,
             "previous": self.previous.to_json() if self.previous else None,
         }
-        temporary = folder / f".{STATE_NAME}.tmp"
-        with temporary.open("w") as out:
-            json.dump(data, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, folder / STATE_NAME)
+        write_atomically(folder / STATE_NAME, json.dumps(data, indent=2).encode())
 
 
 def load_startup_bundle(config: ServiceConfig, trust: BundleTrust) -> Bundle:

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import grpc
 
 from smartbin.channel import add_tls_arguments, open_channel
+from smartbin.files import write_atomically
 from smartbin.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -62,17 +62,6 @@ class Summary:
         lines += [f"| {label} | {count} |" for label, count in sorted(self.written.items())]
         lines.append(f"| all | {sum(self.written.values())} |")
         return "\n".join(lines)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: ``path`` holds the old
-    content or the whole new one, never part of it."""
-    partial = path.with_name(f".{path.name}.part")
-    with open(partial, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    partial.replace(path)
 
 
 def is_complete(sidecar: Path) -> bool:

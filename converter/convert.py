@@ -100,13 +100,15 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def check_parity(report: dict[str, Any], max_drop_points: float) -> None:
-    float_acc = report["float"]["val"]["accuracy"]
-    int8_acc = report["int8"]["val"]["accuracy"]
+def check_parity(report: dict[str, Any], max_drop_points: float, side: str = "val") -> None:
+    """Raise ParityError when int8 accuracy on ``side`` is more than ``max_drop_points``
+    below float."""
+    float_acc = report["float"][side]["accuracy"]
+    int8_acc = report["int8"][side]["accuracy"]
     drop = (float_acc - int8_acc) * 100
     if drop > max_drop_points:
         raise ParityError(
-            f"int8 val accuracy {int8_acc:.2%} is {drop:.2f} points below float "
+            f"int8 {side} accuracy {int8_acc:.2%} is {drop:.2f} points below float "
             f"{float_acc:.2%}, more than the allowed {max_drop_points} points: "
             "try more calibration images (--calibration-images), a quantization-aware "
             "fine-tune (smartbin-train --qat --init CHECKPOINT) or another backbone"
@@ -220,12 +222,14 @@ def bundle_source(
     }
 
 
-def write_report(folder: Path, report: dict[str, Any], labels: list[str]) -> None:
-    """The full report and the test confusion pictures, beside the manifest."""
+def write_report(
+    folder: Path, report: dict[str, Any], labels: list[str], side: str = "test"
+) -> None:
+    """The full report and the confusion pictures of ``side``, beside the manifest."""
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     for kind in ("float", "int8"):
         plot_confusion(
-            report[kind]["test"], labels, folder / f"confusion_{kind}_test.png", f"{kind} test"
+            report[kind][side], labels, folder / f"confusion_{kind}_{side}.png", f"{kind} {side}"
         )
 
 

@@ -81,6 +81,24 @@ class TrainConfig(BaseModel):
         description="quantization-aware fine-tuning of --init's model: train while rounding as "
         "the int8 model will (val accuracy is then the simulated int8 one)",
     )
+    backgrounds: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of training reads on which the item is cut off its white board and "
+        "put on a random backdrop (trainer/backgrounds.py); 0 turns it off",
+    )
+    photometric: Literal["camera", "strong"] = Field(
+        "camera",
+        description="augmentation of light and colour: camera (jitter, greyscale, blur), or "
+        "strong (camera, then other cameras' white balance, smear, noise, low resolution and "
+        "JPEG quality 10-70)",
+    )
+    freeze_batchnorm: bool = Field(
+        False,
+        description="keep batch norm on its running statistics while training (fine-tuning a "
+        "trained model, or one whose batch norm is folded into its convolutions)",
+    )
     warmup_epochs: int = Field(
         1,
         ge=0,

@@ -31,13 +31,20 @@ from torchvision.transforms import v2
 
 from smartbin.preprocessing import Preprocessing, decode_image
 from trainer import distributed
+from trainer.backgrounds import Cutouts, Photometric, replace_background
 from trainer.config import ConfigError, TrainConfig, add_arguments
 from trainer.data import SPLITS, Sample, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
 from trainer.distributed import Ranks
 from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
 from trainer.model import PixelClassifier, create_classifier, default_preprocessing
-from trainer.qat import attach_fake_quant, plain_state_dict, pool_ranges, start_rounding
+from trainer.qat import (
+    attach_fake_quant,
+    freeze_batchnorm,
+    plain_state_dict,
+    pool_ranges,
+    start_rounding,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +65,21 @@ def camera_augmentation(size: int) -> v2.Compose:
 
 
 class TrainImages(Dataset):
-    """Training photos decoded once (uint8 CHW), augmented on every read."""
+    """Training photos decoded once (uint8 CHW), augmented on every read.
 
-    def __init__(self, samples: list[Sample], size: int) -> None:
+    With ``backgrounds`` above 0 each item is cut off its board once, and on that share of the
+    reads put on a random backdrop before the camera augmentation; ``photometric`` "strong"
+    adds other cameras' white balance, smear, noise, resolution and JPEG after it
+    (:mod:`trainer.backgrounds`).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        size: int,
+        backgrounds: float = 0.0,
+        photometric: str = "camera",
+    ) -> None:
         # Decode at about twice the model input: crops stay sharp and memory stays small.
         self.images = [
             torch.from_numpy(np.array(decode_image(s.data, min_size=2 * size)))
@@ -70,12 +89,32 @@ class TrainImages(Dataset):
         ]
         self.labels = [s.label for s in samples]
         self.transform = camera_augmentation(size)
+        self.backgrounds = backgrounds
+        self.cutouts = Cutouts.of([_hwc(image) for image in self.images]) if backgrounds else None
+        self.photometric = Photometric() if photometric == "strong" else None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]).float(), self.labels[index]
+        image = self.images[index]
+        # A generator per read, from torch's: each loader process draws its own.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+        if self.cutouts is not None and rng.random() < self.backgrounds:
+            cut = self.cutouts.cutout(index, _hwc(image))
+            image = _chw(replace_background(cut, rng))
+        image = self.transform(image)
+        if self.photometric is not None:
+            image = _chw(self.photometric(_hwc(image), rng))
+        return image.float(), self.labels[index]
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+
+
+def _chw(photo: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(photo)).permute(2, 0, 1).contiguous()  # a writable copy
 
 
 @dataclass
@@ -351,7 +390,7 @@ def train_loader(
     """Shuffled batches of augmented training photos; among several processes, each takes its
     own share of every epoch (a ``DistributedSampler`` seeded alike on all of them, padded so
     that every process has as many batches)."""
-    images = TrainImages(samples, size)
+    images = TrainImages(samples, size, config.backgrounds, config.photometric)
     sampler: DistributedSampler[tuple[torch.Tensor, int]] | None = None
     if ranks is not None and ranks.distributed:
         sampler = DistributedSampler(
@@ -582,6 +621,8 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     model = build_student(config, classes, spec, fingerprint)
     # Channels-last runs the depthwise convolutions a third faster on CPU (and suits GPUs too).
     model.to(device).to(memory_format=torch.channels_last)
+    if config.freeze_batchnorm:
+        freeze_batchnorm(model)
     loss_fn = _objective(config, classes, fingerprint, device)
     log = RunLog(folder, config, write=ranks.main)
     if ranks.distributed:  # the same start everywhere, then each process its own augmentation

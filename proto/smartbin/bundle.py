@@ -77,6 +77,28 @@ class Calibration(BaseModel):
     unsure_below: float = Field(ge=0.0, le=1.0)
 
 
+class Adaptation(BaseModel):
+    """The manifest's optional ``adaptation``: the bundle is a base model fine-tuned on one
+    site's photos (``smartbin-adapt``). Shown to operators, never acted on; optional, so the
+    bundle format stays 1 (a bin older than the field refuses such a bundle by name)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_version: str = Field(min_length=1, description="the base bundle's version")
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the base model's sha256")
+    site_fingerprint: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 over the site photos' sorted relative paths and their sha256s",
+    )
+    site_photos_per_label: dict[str, NonNegativeInt]
+    added_labels: tuple[str, ...] = ()
+    missing_labels: tuple[str, ...] = ()
+    kept_by: Literal["replay", "distillation"] = Field(
+        description="how the labels the site photos lack were kept"
+    )
+    replay_photos: NonNegativeInt = 0
+
+
 class Manifest(BaseModel):
     """``manifest.json``. ``metrics`` and ``source`` are free-form: what was measured and where
     the model came from, shown to operators and never acted on; ``calibration``, when present,
@@ -96,6 +118,7 @@ class Manifest(BaseModel):
     # older than the field refuses a bundle with it by name ("alternatives: Extra inputs are not
     # permitted") instead of serving half of it.
     alternatives: tuple[AlternativeModel, ...] = ()
+    adaptation: Adaptation | None = None
 
     @field_validator("labels")
     @classmethod
@@ -271,6 +294,8 @@ def manifest_json(manifest: Manifest) -> str:
     unset = {"calibration"} if manifest.calibration is None else set()
     if not manifest.alternatives:
         unset.add("alternatives")
+    if manifest.adaptation is None:
+        unset.add("adaptation")
     return manifest.model_dump_json(indent=2, exclude=unset or None) + "\n"
 
 
@@ -285,6 +310,7 @@ def write_bundle(
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     calibration: Calibration | None = None,
+    adaptation: Adaptation | None = None,
 ) -> Bundle:
     """Write a bundle folder (model.tflite + manifest.json) and return it verified.
 
@@ -310,6 +336,7 @@ def write_bundle(
         metrics=metrics or {},
         source=source or {},
         calibration=calibration,
+        adaptation=adaptation,
     )
     # No "calibration": null for an uncalibrated bundle: bins older than the field read it.
     (out / MANIFEST_NAME).write_text(manifest_json(manifest))

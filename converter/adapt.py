@@ -1,0 +1,296 @@
+"""``smartbin-adapt``: fine-tune a bundle's model on one site's labelled photos and write an int8
+bundle through the converter's parity gate.
+
+The base is the shipped default (its float weights rebuilt from its float32 twin on first use,
+``trainer.recover``) or any bundle given with its checkpoint or float twin. The fine-tuning is
+``trainer.adapt``'s; the int8 model is calibrated on the site photos (and the replay photos),
+and refused, with nothing written, when int8 answers the site photos more than ``--max-drop``
+points worse than float. The manifest records the base model and the site photos' fingerprint
+(``adaptation``). docs/site-adaptation.md says what it reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converter.convert import (
+    SUMMARY_KEYS,
+    ParityError,
+    calibration_images,
+    check_parity,
+    measure,
+    write_report,
+)
+from smartbin.bundle import Adaptation, Bundle, BundleError, load_bundle, write_bundle
+from smartbin.model import TFLiteClassifier
+from smartbin.preprocessing import Preprocessing
+from trainer import recover
+from trainer.adapt import (
+    NOT_AN_ITEM,
+    AdaptConfig,
+    Adapted,
+    FeatureBank,
+    SiteError,
+    SitePhotos,
+    adapt,
+    load_site,
+    pick_replay,
+    relabel,
+)
+from trainer.data import Sample, load_source, make_split_manifest, select
+from trainer.model import build_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Replay:
+    """Photos of the base model's training side, and where they came from."""
+
+    samples: list[Sample]
+    source: str
+    split_fingerprint: str
+    matches_base: bool
+
+
+def base_checkpoint(
+    base: Bundle, checkpoint: Path | None = None, float_twin: Path | None = None
+) -> dict[str, Any]:
+    """The float model of ``base``: a trainer checkpoint, rebuilt from its float twin, or (for
+    the shipped default) the default's recovered checkpoint.
+
+    Raises:
+        SiteError: none of those is at hand, or the checkpoint's labels are not the bundle's.
+    """
+    if checkpoint is not None:
+        loaded: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    elif float_twin is not None:
+        loaded = recover.recover(float_twin, base.path)
+    elif base.sha256 == load_bundle(recover.DEFAULT_BUNDLE).sha256:
+        loaded = torch.load(recover.default_checkpoint(), map_location="cpu", weights_only=True)
+    else:
+        raise SiteError(
+            f"{base.path} is not the shipped default: pass its training checkpoint "
+            "(--base-checkpoint) or its float32 twin (--base-float-twin)"
+        )
+    if list(loaded["labels"]) != list(base.labels):
+        raise SiteError(
+            f"the base checkpoint's labels {loaded['labels']} are not the bundle's "
+            f"{list(base.labels)}: pass the checkpoint {base.path} was converted from"
+        )
+    return loaded
+
+
+def load_replay(folder: str, base: Bundle, labels: list[str], per_label: int, seed: int) -> Replay:
+    """Up to ``per_label`` photos per label from the train side of ``folder``'s split (seed 0,
+    as smartbin-train makes it), never its val or test photos."""
+    image_set = load_source(folder)
+    split = make_split_manifest(image_set, seed=0)
+    recorded = base.manifest.source.get("split_fingerprint")
+    matches = recorded == split["fingerprint"]
+    if recorded and not matches:
+        logger.warning(
+            "the replay photos' split %s is not the base model's %s: its train side may hold "
+            "photos the base model was measured on",
+            split["fingerprint"],
+            recorded,
+        )
+    train = select(image_set, split, "train")
+    samples = pick_replay(train, image_set.classes, labels, per_label, seed)
+    return Replay(samples, folder, split["fingerprint"], matches)
+
+
+def build_bundle(
+    adapted: Adapted,
+    base: Bundle,
+    site: SitePhotos,
+    replay: list[Sample],
+    out: Path,
+    calibration_count: int = 200,
+    max_drop: float = 1.0,
+    version: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Convert the adapted model to an int8 bundle at ``out`` (replaced whole, or left as it
+    was when the parity gate refuses the model) and return the converter's report.
+
+    Raises:
+        ParityError: int8 answers the site photos more than ``max_drop`` points worse than float.
+    """
+    from converter.tflite import export_float, quantize_int8
+
+    checkpoint = adapted.checkpoint
+    spec = Preprocessing.from_dict(checkpoint["preprocessing"])
+    model = build_from_checkpoint(checkpoint)
+    site_samples = relabel(site.samples, site.labels, adapted.labels)
+    started = time.time()
+    float_model = export_float(model, spec.input_size)
+    photos = calibration_images(site_samples + replay, spec, calibration_count, seed)
+    int8_model = quantize_int8(float_model, photos)
+    logger.info("converted in %.1f s", time.time() - started)
+    arch = checkpoint["arch"]
+    version = version or f"{time.strftime('%Y.%m.%d')}-{arch}-site-{site.fingerprint[:8]}"
+    record = Adaptation(
+        base_version=base.version,
+        base_sha256=base.sha256,
+        site_fingerprint=site.fingerprint,
+        site_photos_per_label=site.counts(),
+        added_labels=tuple(adapted.added),
+        missing_labels=tuple(adapted.missing),
+        kept_by="replay" if replay else "distillation",
+        replay_photos=len(replay),
+    )
+    source = {
+        "base": str(base.path),
+        "data": str(site.root),
+        "calibration_images": len(photos),
+        "passes": adapted.passes,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "bundle"
+        bundle = write_bundle(staging, int8_model, adapted.labels, spec, version, "int8", arch)
+        sides = {"site": site_samples, **({"replay": replay} if replay else {})}
+        report = measure(model, TFLiteClassifier(bundle), sides, adapted.labels)
+        report["model_bytes"] = {"float32": len(float_model), "int8": len(int8_model)}
+        check_parity(report, max_drop, side="site")
+        metrics: dict[str, Any] = {
+            kind: {side: {k: report[kind][side][k] for k in SUMMARY_KEYS} for side in sides}
+            for kind in ("float", "int8")
+        }
+        metrics["agreement"] = report["agreement"]
+        write_bundle(
+            staging,
+            int8_model,
+            adapted.labels,
+            spec,
+            version,
+            "int8",
+            arch,
+            metrics=metrics,
+            source=source,
+            adaptation=record,
+        )
+        write_report(staging, report, adapted.labels, side="site")
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(staging, out)
+    load_bundle(out)
+    return report
+
+
+def run(
+    data: Path,
+    out: Path,
+    base_dir: Path = recover.DEFAULT_BUNDLE,
+    checkpoint: Path | None = None,
+    float_twin: Path | None = None,
+    replay_folder: str | None = None,
+    replay_per_label: int = 40,
+    config: AdaptConfig | None = None,
+    keep: tuple[str, ...] = (),
+    calibration_count: int = 200,
+    max_drop: float = 1.0,
+    version: str | None = None,
+    bank: FeatureBank | None = None,
+) -> dict[str, Any]:
+    """Adapt ``base_dir``'s model to the site photos in ``data`` and write the bundle ``out``."""
+    config = config or AdaptConfig()
+    site = load_site(data, keep)
+    if site.skipped_folders:
+        logger.info("left out %s (--keep-folder NAME learns one as a label)", site.skipped_folders)
+    base = load_bundle(base_dir)
+    start = base_checkpoint(base, checkpoint, float_twin)
+    replay: list[Sample] = []
+    if replay_folder is not None:
+        labels = [*base.labels, *(n for n in site.labels if n not in base.labels)]
+        replay = load_replay(replay_folder, base, labels, replay_per_label, config.seed).samples
+    adapted = adapt(start, site, replay, config, bank)
+    return build_bundle(
+        adapted, base, site, replay, out, calibration_count, max_drop, version, config.seed
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = AdaptConfig()
+    parser = argparse.ArgumentParser(prog="smartbin-adapt", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="site photos, a folder per label")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument(
+        "--base", type=Path, default=recover.DEFAULT_BUNDLE, help="bundle to start from"
+    )
+    parser.add_argument("--base-checkpoint", type=Path, help="the base bundle's checkpoint.pt")
+    parser.add_argument("--base-float-twin", type=Path, help="the base bundle's float32 .tflite")
+    parser.add_argument(
+        "--replay",
+        help="the base model's training photos (folder per label): photos of its train side "
+        "are mixed in to keep what the site photos lack; without it, the base model's answers "
+        "are distilled instead",
+    )
+    parser.add_argument("--replay-per-label", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer updates")
+    parser.add_argument("--views", type=int, default=defaults.views, help="views of each photo")
+    parser.add_argument(
+        "--train-from-block",
+        type=int,
+        default=defaults.train_from_block,
+        help="blocks before this one stay frozen",
+    )
+    parser.add_argument(
+        "--keep-folder",
+        action="append",
+        default=[],
+        help="learn this folder as a label, though its name starts with a dot and such "
+        f"folders are skipped (e.g. {NOT_AN_ITEM}, learnt as {NOT_AN_ITEM.lstrip('.')})",
+    )
+    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu")
+    parser.add_argument("--calibration-images", type=int, default=200)
+    parser.add_argument("--max-drop", type=float, default=1.0, help="parity gate, points")
+    parser.add_argument("--version", help="bundle version (default: date-arch-site-fingerprint)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = replace(
+        defaults,
+        steps=args.steps,
+        views=args.views,
+        train_from_block=args.train_from_block,
+        device=args.device,
+        seed=args.seed,
+    )
+    started = time.time()
+    try:
+        report = run(
+            args.data,
+            args.out,
+            args.base,
+            args.base_checkpoint,
+            args.base_float_twin,
+            args.replay,
+            args.replay_per_label,
+            config,
+            tuple(args.keep_folder),
+            args.calibration_images,
+            args.max_drop,
+            args.version,
+        )
+    except ParityError as err:
+        sys.exit(f"smartbin-adapt: parity gate failed, nothing written: {err}")
+    except (SiteError, BundleError, FileNotFoundError) as err:
+        sys.exit(f"smartbin-adapt: {err}")
+    for kind in ("float", "int8"):
+        print(f"{kind:>6}: site photos {report[kind]['site']['accuracy']:.2%}")
+    print(f"bundle: {args.out} in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

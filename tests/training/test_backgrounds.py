@@ -1,0 +1,113 @@
+"""Background replacement and strong photometric augmentation (trainer/backgrounds.py): the item
+leaves its white board for backdrops of its own kinds, and a run trains with them."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import PHOTOS
+from PIL import Image
+from tiny import TINY_SIZE, tiny_train_args
+
+from converter.shift_suite import FLOORS
+from trainer.backgrounds import (
+    BACKDROPS,
+    Cutouts,
+    Photometric,
+    random_backdrop,
+    replace_background,
+)
+from trainer.data import Sample
+from trainer.train import TrainImages, parse_args, run
+
+RED = np.array([190, 40, 30], dtype=np.float32)
+
+
+def red_item_on_board(width: int = 320, height: int = 240) -> np.ndarray:
+    """A red disc on an unevenly lit white board, as TrashNet photographs an item."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    light = 220 - 30 * ((xx / width - 0.5) ** 2 + (yy / height - 0.5) ** 2)
+    photo = np.repeat(light[..., None], 3, axis=2)
+    disc = (xx - width / 2) ** 2 + (yy - height / 2) ** 2 <= (0.25 * height) ** 2
+    photo[disc] = RED
+    return photo.astype(np.uint8)
+
+
+def reddish(photo: np.ndarray) -> int:
+    distance = np.linalg.norm(photo.astype(np.float32) - RED, axis=-1)
+    return int((distance < 30).sum())
+
+
+def test_the_backdrops_are_not_the_floors_the_suite_measures_on() -> None:
+    assert not set(BACKDROPS) & set(FLOORS)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        backdrop = random_backdrop(rng, 64, 48)
+        assert backdrop.shape == (48, 64, 3)
+        assert backdrop.min() >= 0 and backdrop.max() <= 255
+
+
+def test_the_item_keeps_its_pixels_on_a_new_backdrop() -> None:
+    photo = red_item_on_board()
+    cutouts = Cutouts.of([photo])
+    assert cutouts.found == [True]
+    board = np.ones(photo.shape[:2], dtype=bool)
+    board[30:-30, 30:-30] = False  # the outer ring, where the board was
+    for seed in range(8):
+        out = replace_background(cutouts.cutout(0, photo), np.random.default_rng(seed))
+        assert out.shape == photo.shape and out.dtype == np.uint8
+        # Placed at half its size or more: a quarter of its red pixels at least, and more
+        # where a backdrop is itself red.
+        assert reddish(out) >= 0.25 * 0.9 * reddish(photo)
+        assert np.abs(out[board].astype(float) - photo[board]).mean() > 10  # not the board
+
+
+def test_reads_with_backgrounds_and_strong_photometric_are_training_inputs() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(red_item_on_board()).save(buffer, "PNG")
+    sample = Sample("red/disc.png", 0, buffer.getvalue())
+    torch.manual_seed(0)
+    images = TrainImages([sample] * 4, TINY_SIZE, backgrounds=1.0, photometric="strong")
+    for index in range(4):
+        pixels, label = images[index]
+        assert pixels.shape == (3, TINY_SIZE, TINY_SIZE) and pixels.dtype == torch.float32
+        assert label == 0
+    plain = TrainImages([sample], TINY_SIZE)
+    assert plain.cutouts is None and plain.photometric is None  # off unless asked for
+
+
+def test_strong_photometric_steps_change_the_photo_and_none_leaves_it() -> None:
+    photo = red_item_on_board(96, 72)
+    rng = np.random.default_rng(0)
+    every = Photometric(1.0, 1.0, 1.0, 1.0, 1.0)(photo, rng)
+    assert every.shape == photo.shape and every.dtype == np.uint8
+    assert np.abs(every.astype(float) - photo).mean() > 3
+    none = Photometric(0.0, 0.0, 0.0, 0.0, 0.0)(photo, rng)
+    assert np.array_equal(none, photo)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_run_trains_on_backdrops_and_frozen_batch_norm_keeps_its_statistics(
+    tmp_path: Path, freeze: bool
+) -> None:
+    extra = ["--backgrounds", "0.8", "--photometric", "strong", "--ema-decay", "0"]
+    if freeze:
+        extra.append("--freeze-batchnorm")
+    config = parse_args(tiny_train_args(PHOTOS, tmp_path, "run", *extra))
+    checkpoint = torch.load(run(config), map_location="cpu", weights_only=True)
+    recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
+    assert recorded["backgrounds"] == 0.8 and recorded["photometric"] == "strong"
+    # A fresh model's batch norm starts at mean 0: frozen, it stays there.
+    means = [v for k, v in checkpoint["state_dict"].items() if k.endswith("running_mean")]
+    moved = max(float(m.abs().max()) for m in means)
+    assert (moved == 0.0) == freeze
+
+
+def test_a_share_of_backgrounds_outside_0_to_1_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(tiny_train_args(PHOTOS, tmp_path, "run", "--backgrounds", "1.5"))

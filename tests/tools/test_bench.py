@@ -36,7 +36,11 @@ def test_bench_runs_end_to_end_and_writes_every_figure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench.json"
-    bench.main(["--seconds", "0.5", "--repeats", "2", "--json", str(out)])
+    # Up to 8 calls at once on one connection: at the per-connection limit (16) a call can meet
+    # HTTP/2's REFUSED_STREAM race and end UNAVAILABLE, which the bench reports in error_codes.
+    bench.main(
+        ["--seconds", "0.5", "--repeats", "2", "--concurrency", "1", "4", "8", "--json", str(out)]
+    )
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
 
@@ -51,14 +55,14 @@ def test_bench_runs_end_to_end_and_writes_every_figure(
     service = result["service"]
     assert STATS | {"cpu_ms_per_call"} <= service["bare_pipeline"].keys()
     assert STATS | {"server_cpu_ms_per_call"} <= service["classify_beside_bare"].keys()
-    assert set(service["classify"]) == {"1", "4", "16"}
+    assert set(service["classify"]) == {"1", "4", "8"}
     # Every route that classifies a photo, timed beside Classify (HTTP, the v2 protocol).
     assert set(service["routes"]) == set(ROUTE_NAMES)
     for route in service["routes"].values():
         assert STATS | {"server_cpu_ms_per_call"} <= route.keys()
     for level in service["classify"].values():
         assert STATS | {"server_cpu_ms_per_call", "client_cpu_ms_per_call"} <= level.keys()
-        assert level["calls_per_second"] > 0 and level["errors"] == 0
+        assert level["calls_per_second"] > 0 and level["errors"] == 0, level["error_codes"]
     assert service["rss_loaded_mb"] > 0 and service["start_to_serving_seconds"] > 0
     assert all(math.isfinite(value) for value in result["ratios"].values())
     assert set(result["goals"]) == set(bench.GOALS)

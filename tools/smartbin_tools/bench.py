@@ -320,6 +320,7 @@ def bench_classify(
         **stats_ms(ok),
         "calls_per_second": len(ok) / elapsed,
         "errors": len(load.calls) - len(ok),
+        "error_codes": dict(Counter(call.code for call in load.calls if call.code != "OK")),
         "server_cpu_ms_per_call": server_cpu * 1000 / len(ok),
         "client_cpu_ms_per_call": client_cpu * 1000 / len(ok),
     }

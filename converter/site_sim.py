@@ -51,7 +51,7 @@ from trainer.adapt import (
     site_fingerprint,
     top_logits,
 )
-from trainer.data import Sample, load_source, make_split_manifest, select
+from trainer.data import Sample, first_per_class, load_source, make_split_manifest, select
 from trainer.model import build_from_checkpoint
 from trainer.train import choose_device
 
@@ -136,16 +136,6 @@ def nested_picks(samples: Sequence[Sample], classes: int, most: int, seed: int) 
         of_label = [s for s in samples if s.label == label]
         picked.extend(of_label[i] for i in rng.permutation(len(of_label))[:most])
     return picked
-
-
-def first_per_class(samples: Sequence[Sample], count: int) -> list[Sample]:
-    seen: dict[int, int] = {}
-    chosen = []
-    for sample in samples:
-        if seen.get(sample.label, 0) < count:
-            seen[sample.label] = seen.get(sample.label, 0) + 1
-            chosen.append(sample)
-    return chosen
 
 
 def photographed(camera: SiteCamera, samples: Sequence[Sample]) -> list[Sample]:

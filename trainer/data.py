@@ -188,3 +188,14 @@ def select(image_set: ImageSet, manifest: dict[str, Any], split: str) -> list[Sa
             raise ValueError(f"{key} is missing or changed since split {manifest['fingerprint']}")
         chosen.append(sample)
     return chosen
+
+
+def first_per_class(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """The first ``count`` samples of each class, in their order."""
+    seen: dict[int, int] = {}
+    chosen = []
+    for sample in samples:
+        if seen.get(sample.label, 0) < count:
+            seen[sample.label] = seen.get(sample.label, 0) + 1
+            chosen.append(sample)
+    return chosen

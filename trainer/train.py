@@ -33,7 +33,7 @@ from smartbin.preprocessing import Preprocessing, decode_image
 from trainer import distributed
 from trainer.backgrounds import Cutouts, Photometric, replace_background
 from trainer.config import ConfigError, TrainConfig, add_arguments
-from trainer.data import SPLITS, Sample, load_source, make_split_manifest, select
+from trainer.data import SPLITS, Sample, first_per_class, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
 from trainer.distributed import Ranks
 from trainer.evaluate import classification_report, eval_tensor, plot_confusion, predict
@@ -139,18 +139,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         return TrainConfig.from_sources(recipe, flags)
     except ConfigError as err:
         parser.error(str(err))
-
-
-def _limit(samples: list[Sample], per_class: int | None) -> list[Sample]:
-    if not per_class:
-        return samples
-    counts: dict[int, int] = {}
-    kept = []
-    for sample in samples:
-        if counts.get(sample.label, 0) < per_class:
-            counts[sample.label] = counts.get(sample.label, 0) + 1
-            kept.append(sample)
-    return kept
 
 
 def make_optimizer(
@@ -350,9 +338,11 @@ def load_split(config: TrainConfig) -> tuple[list[str], dict[str, Any], Split]:
         manifest = json.loads(config.split.read_text())
     else:
         manifest = make_split_manifest(image_set, seed=config.split_seed)
-    sides = {
-        name: _limit(select(image_set, manifest, name), config.limit_per_class) for name in SPLITS
-    }
+    sides = {name: select(image_set, manifest, name) for name in SPLITS}
+    if config.limit_per_class:
+        sides = {
+            name: first_per_class(side, config.limit_per_class) for name, side in sides.items()
+        }
     return image_set.classes, manifest, Split(**sides)
 
 

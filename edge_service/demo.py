@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         print(f"\n{url} (excerpt):")
         for line in text.splitlines():
-            if line.startswith(("smartbin_requests_total", "smartbin_classifications_total")):
+            # Every label and status code is exported from 0; the excerpt shows what the demo did.
+            counted = not line.endswith(" 0.0")
+            if counted and line.startswith(("smartbin_requests_total", "smartbin_classifications")):
                 print("  " + line)
     finally:
         service.stop(grace=1)

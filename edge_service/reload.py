@@ -297,8 +297,12 @@ class BundleWatcher:
         self._reload = reload
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bundle-watch", daemon=True)
+        self._served: tuple[tuple[str, int, int], ...] = ()
 
     def start(self) -> None:
+        # What is served now, read before returning: a change made once start() has returned
+        # is a change, however late the thread first runs.
+        self._served = folder_fingerprint(self.folder)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -307,7 +311,7 @@ class BundleWatcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        tried = folder_fingerprint(self.folder)  # what is served now
+        tried = self._served
         previous = tried
         while not self._stop.wait(self.interval):
             current = folder_fingerprint(self.folder)

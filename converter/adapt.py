@@ -43,6 +43,7 @@ from trainer.adapt import (
     SiteError,
     SitePhotos,
     adapt,
+    load_backdrops,
     load_site,
     pick_replay,
     relabel,
@@ -51,6 +52,10 @@ from trainer.data import Sample, load_source, make_split_manifest, select
 from trainer.model import build_from_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# Replay photos per label: forgetting falls as they rise (docs/site-adaptation.md measured 40,
+# 120 and 290); 120 keeps a 50-photo-per-label adaptation within minutes on 2 CPU cores.
+REPLAY_PER_LABEL = 120
 
 
 @dataclass
@@ -154,6 +159,7 @@ def build_bundle(
         "base": str(base.path),
         "data": str(site.root),
         "calibration_images": len(photos),
+        "backdrop_photos": adapted.backdrop_photos,
         "passes": adapted.passes,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,7 +201,7 @@ def run(
     checkpoint: Path | None = None,
     float_twin: Path | None = None,
     replay_folder: str | None = None,
-    replay_per_label: int = 40,
+    replay_per_label: int = REPLAY_PER_LABEL,
     config: AdaptConfig | None = None,
     keep: tuple[str, ...] = (),
     calibration_count: int = 200,
@@ -214,7 +220,11 @@ def run(
     if replay_folder is not None:
         labels = [*base.labels, *(n for n in site.labels if n not in base.labels)]
         replay = load_replay(replay_folder, base, labels, replay_per_label, config.seed).samples
-    adapted = adapt(start, site, replay, config, bank)
+    # The empty scene is a backdrop for the replay items, unless it is learnt as a label.
+    backdrops = [] if NOT_AN_ITEM in keep else load_backdrops(data)
+    if backdrops and not replay:
+        logger.info("%d empty-scene photos left out: backdrops need --replay", len(backdrops))
+    adapted = adapt(start, site, replay, config, bank, backdrops)
     return build_bundle(
         adapted, base, site, replay, out, calibration_count, max_drop, version, config.seed
     )
@@ -236,9 +246,23 @@ def main(argv: list[str] | None = None) -> None:
         "are mixed in to keep what the site photos lack; without it, the base model's answers "
         "are distilled instead",
     )
-    parser.add_argument("--replay-per-label", type=int, default=40)
+    parser.add_argument("--replay-per-label", type=int, default=REPLAY_PER_LABEL)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer updates")
     parser.add_argument("--views", type=int, default=defaults.views, help="views of each photo")
+    parser.add_argument(
+        "--backdrop-views",
+        type=int,
+        default=defaults.backdrop_views,
+        help=f"each replay item is also put on this many of the site's {NOT_AN_ITEM} photos "
+        "(its empty scene); 0: never",
+    )
+    parser.add_argument(
+        "--keep-base",
+        type=float,
+        default=defaults.keep_base,
+        help="move the trained weights this share back toward the base model's (0: not at "
+        "all; more keeps more of what the base knew)",
+    )
     parser.add_argument(
         "--train-from-block",
         type=int,
@@ -263,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         defaults,
         steps=args.steps,
         views=args.views,
+        backdrop_views=args.backdrop_views,
+        keep_base=args.keep_base,
         train_from_block=args.train_from_block,
         device=args.device,
         seed=args.seed,

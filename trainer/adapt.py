@@ -16,7 +16,11 @@ and keeps what the site cannot show:
   given, and by distillation otherwise: the student learns the base model's answers over the
   base categories on the site photos too;
 - a category only the site has is added: the head grows a row, started from the mean of that
-  category's site features (weight imprinting), so it answers sensibly from the first step.
+  category's site features (weight imprinting), so it answers sensibly from the first step;
+- photos of the empty scene (filed as "not an item") are backdrops: each replay photo's item is
+  cut off its white board and put on them (:func:`on_backdrops`), so every base category is
+  also seen on the site's own floor, light and lens, many more times than the few labelled
+  site photos show it.
 
 The folder of site photos has one sub-folder per category (a ``smartbin-collect`` folder);
 files that are not images (sidecar ``.json``) are ignored, and so is the "not an item" folder
@@ -26,6 +30,7 @@ unless its label is asked for.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 from collections.abc import Sequence
@@ -36,9 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import nn
 
 from smartbin.preprocessing import Preprocessing, decode_image, prepare
+from trainer.cutout import composite, cut_out
 from trainer.data import IMAGE_SUFFIXES, Sample
 from trainer.distill import distillation_loss
 from trainer.model import PixelClassifier, build_from_checkpoint
@@ -71,6 +78,8 @@ class AdaptConfig:
     distill_temperature: float = 2.0
     replay_views: int = 1
     replay_distill: bool = True  # replay photos also learn the base model's answers
+    backdrop_views: int = 2  # each replay item on this many empty-scene photos (0: none)
+    keep_base: float = 0.5  # the adapted weights are moved this share back toward the base's
     seed: int = 0
     device: str = "auto"
 
@@ -134,6 +143,55 @@ def load_site(root: Path, keep: Sequence[str] = ()) -> SitePhotos:
             "sub-folder named after the label"
         )
     return SitePhotos(root, labels, samples, site_fingerprint(files), skipped)
+
+
+def load_backdrops(root: Path, folder: str = NOT_AN_ITEM) -> list[bytes]:
+    """The photos of ``root/folder`` (the empty scene: what the bin filed as not an item)."""
+    where = root / folder
+    if not where.is_dir():
+        return []
+    return [p.read_bytes() for p in sorted(where.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _encode(photo: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def on_backdrops(
+    photos: Sequence[Sample], backdrops: Sequence[bytes], per_photo: int, seed: int
+) -> list[Sample]:
+    """Each photo's item cut off its white board (:func:`trainer.cutout.cut_out`) and put on
+    ``per_photo`` of ``backdrops``: a part of one, mirrored or not, at 50 to 100 % of the
+    item's size, anywhere it fits. Every choice is drawn from the photo, the copy and ``seed``,
+    so the same photos give the same composites. A photo whose board is not found (a box that
+    fills its frame) is shrunk to 75 % and framed by the backdrop."""
+    if not backdrops or per_photo == 0:
+        return []
+    floors = []
+    for data in backdrops:
+        with Image.open(io.BytesIO(data)) as image:
+            floors.append(ImageOps.exif_transpose(image).convert("RGB"))
+    composed: list[Sample] = []
+    for sample in photos:
+        with Image.open(io.BytesIO(sample.data)) as image:
+            cut = cut_out(ImageOps.exif_transpose(image))
+        width, height = cut.size
+        for copy in range(per_photo):
+            rng = np.random.default_rng(_view_seed(sample, 1000 + copy, seed))
+            floor = floors[int(rng.integers(len(floors)))]
+            if rng.random() < 0.5:
+                floor = ImageOps.mirror(floor)
+            part = ImageOps.fit(floor, (width, height), centering=tuple(rng.uniform(0, 1, 2)))
+            scale = float(rng.uniform(0.5, 1.0))
+            centre = (
+                float(rng.uniform(width * scale / 2, width - width * scale / 2)),
+                float(rng.uniform(height * scale / 2, height - height * scale / 2)),
+            )
+            photo = composite(cut, np.asarray(part, np.float32), scale, centre)
+            composed.append(Sample(f"{sample.key}@backdrop{copy}", sample.label, _encode(photo)))
+    return composed
 
 
 def merged_labels(base: Sequence[str], site: Sequence[str]) -> list[str]:
@@ -289,6 +347,18 @@ def _teacher_probabilities(
     return torch.cat(out)
 
 
+def _with_rows(data: TrainingSet, features: torch.Tensor, samples: Sequence[Sample]) -> TrainingSet:
+    """``data`` and rows of ``features`` labelled by ``samples``, not distilled."""
+    labels = torch.tensor([s.label for s in samples])
+    grown = TrainingSet(torch.cat([data.features, features]), torch.cat([data.labels, labels]))
+    if data.teacher is not None and data.distilled is not None:
+        grown.teacher = torch.cat(
+            [data.teacher, data.teacher.new_zeros(len(labels), data.teacher.shape[1])]
+        )
+        grown.distilled = torch.cat([data.distilled, torch.zeros(len(labels), dtype=torch.bool)])
+    return grown
+
+
 def _optimizer(model: PixelClassifier, config: AdaptConfig) -> torch.optim.Optimizer:
     head = list(model.head().parameters())
     head_ids = {id(p) for p in head}
@@ -393,6 +463,27 @@ def train_top(
     return rows
 
 
+def toward_base(
+    adapted: dict[str, torch.Tensor], base: dict[str, torch.Tensor], share: float
+) -> dict[str, torch.Tensor]:
+    """``adapted`` moved ``share`` of the way back to ``base``, tensor by tensor (weight-space
+    interpolation, as WiSE-FT does): it keeps more of what the base knew (its training photos)
+    at little cost on the site. Rows of a grown head that the base lacks stay as adapted."""
+    mixed = {}
+    for key, tensor in adapted.items():
+        tensor = tensor.detach().cpu().clone()
+        old = base.get(key)
+        if old is not None and tensor.is_floating_point() and share:
+            rows = old.shape[0] if old.dim() else None
+            old = old.detach().cpu()
+            if rows is None:
+                tensor = (1 - share) * tensor + share * old
+            else:
+                tensor[:rows] = (1 - share) * tensor[:rows] + share * old
+        mixed[key] = tensor
+    return mixed
+
+
 @dataclass
 class Adapted:
     """The adapted model as a trainer checkpoint dict, and what the manifest records of it."""
@@ -403,6 +494,7 @@ class Adapted:
     missing: list[str]
     kept_by: str
     passes: list[dict[str, float]]
+    backdrop_photos: int = 0  # replay items composed on the empty scene
 
 
 def adapt(
@@ -411,11 +503,14 @@ def adapt(
     replay: Sequence[Sample] = (),
     config: AdaptConfig | None = None,
     bank: FeatureBank | None = None,
+    backdrops: Sequence[bytes] = (),
 ) -> Adapted:
     """Fine-tune the model of ``base_checkpoint`` on ``site``'s photos.
 
     ``replay`` are photos of the base model's training side, labelled by index into the base
-    labels; when there are none, the base model's answers are distilled instead. ``bank``, a
+    labels; when there are none, the base model's answers are distilled instead. ``backdrops``
+    are photos of the site's empty scene: the replay items are put on them too
+    (:func:`on_backdrops`, ``config.backdrop_views`` each). ``bank``, a
     :class:`FeatureBank` on the same base model and cut, lets several adaptations share the
     features of the photos they share.
     """
@@ -442,6 +537,9 @@ def adapt(
         targets.append(
             torch.tensor([s.label for s in replay]).repeat_interleave(config.replay_views)
         )
+    composed = (
+        on_backdrops(replay, backdrops, config.backdrop_views, config.seed) if backdrops else []
+    )
     data = TrainingSet(torch.cat(features), torch.cat(targets))
     # Without replay the base model's answers on the site photos keep the missing labels; with
     # it, its answers on the replay photos keep what it did on its own photos, beside their
@@ -451,6 +549,10 @@ def adapt(
         data.distilled = torch.ones(len(data.labels), dtype=torch.bool)
         if replay:
             data.distilled[: len(site_targets)] = False
+    if composed:
+        # The items on the site's floor learn their labels only: the base model's answers
+        # there are what the adaptation is to correct.
+        data = _with_rows(data, bank.features(composed, 1, config.seed), composed)
 
     model = build_from_checkpoint(base_checkpoint).to(device).to(memory_format=torch.channels_last)
     new_rows = [
@@ -465,18 +567,21 @@ def adapt(
         grow_head(model, len(added), torch.stack(new_rows).cpu() if new_rows else None)
     model.to(device)
     logger.info(
-        "adapting on %d site photos (%s) x %d views, %d replay photos; added %s, kept %s by %s",
+        "adapting on %d site photos (%s) x %d views, %d replay photos, %d of them on %d "
+        "empty-scene photos; added %s, kept %s by %s",
         len(site_samples),
         site.counts(),
         config.views,
         len(replay),
+        len(composed),
+        len(backdrops),
         added or "none",
         missing or "none",
         "replay" if replay else "distillation",
     )
     rows = train_top(model, data, config, device, len(base_labels))
     model.eval()
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = toward_base(model.state_dict(), base.state_dict(), config.keep_base)
     checkpoint = {
         "arch": base_checkpoint["arch"],
         "labels": labels,
@@ -486,7 +591,7 @@ def adapt(
         "data": str(site.root),
     }
     kept_by = "replay" if replay else "distillation"
-    return Adapted(checkpoint, labels, added, missing, kept_by, rows)
+    return Adapted(checkpoint, labels, added, missing, kept_by, rows, len(composed))
 
 
 def pick_replay(

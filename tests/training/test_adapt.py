@@ -3,13 +3,17 @@ bundle the edge loads, with the site's new label and the base's missing ones kep
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import PHOTOS
+from PIL import Image
+from tiny import tiny_checkpoint
 
 from converter.adapt import build_bundle, load_replay, main
 from converter.convert import ParityError
@@ -22,10 +26,15 @@ from trainer.adapt import (
     AdaptConfig,
     SiteError,
     adapt,
+    load_backdrops,
     load_site,
+    on_backdrops,
     top_logits,
+    toward_base,
     trunk_features,
 )
+from trainer.data import Sample
+from trainer.harden import main as harden_main
 from trainer.model import build_from_checkpoint
 
 NEW_LABEL = "site_only"
@@ -171,3 +180,72 @@ def test_replay_keeps_missing_labels_with_train_side_photos_only(site: Path) -> 
     adapted = adapt(checkpoint, load_site(site), replay.samples, QUICK)
     assert adapted.kept_by == "replay" and adapted.labels == labels
     assert adapted.checkpoint["state_dict"]["backbone.classifier.weight"].shape[0] == len(labels)
+
+
+def _solid_jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (640, 480)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_an_item_put_on_the_empty_scene_is_framed_by_it() -> None:
+    """Each replay item lands on a part of the site's empty photo, the same way every time."""
+    photo = sorted((PHOTOS / categories()[1]).glob("*.jpg"))[0]
+    sample = Sample(photo.name, 1, photo.read_bytes())
+    red = _solid_jpeg((220, 20, 20))
+    composed = on_backdrops([sample], [red], per_photo=3, seed=0)
+    assert [c.label for c in composed] == [1, 1, 1]
+    assert len({c.key for c in composed}) == 3
+    for copy in composed:
+        pixels = np.asarray(Image.open(io.BytesIO(copy.data)).convert("RGB")).astype(int)
+        red_share = np.mean((pixels[..., 0] > 170) & (pixels[..., 1] < 70) & (pixels[..., 2] < 70))
+        assert 0.2 < red_share < 0.95, red_share  # the floor around it, the item on it
+    again = on_backdrops([sample], [red], per_photo=3, seed=0)
+    assert [c.data for c in again] == [c.data for c in composed]
+    assert on_backdrops([sample], [], per_photo=3, seed=0) == []
+
+
+def test_replay_items_are_also_learnt_on_the_sites_empty_scene(site: Path) -> None:
+    """The site folder's not-an-item photos are the backdrops of the replay items."""
+    assert len(load_backdrops(site)) == 1
+    base = load_bundle(recover.DEFAULT_BUNDLE)
+    replay = load_replay(str(PHOTOS), base, [*base.labels, NEW_LABEL], per_label=1, seed=0)
+    checkpoint = torch.load(recover.default_checkpoint(), map_location="cpu", weights_only=True)
+    adapted = adapt(checkpoint, load_site(site), replay.samples, QUICK, None, load_backdrops(site))
+    assert adapted.backdrop_photos == len(replay.samples) * QUICK.backdrop_views > 0
+    plain = adapt(checkpoint, load_site(site), replay.samples, QUICK)
+    assert plain.backdrop_photos == 0
+
+
+def test_moving_toward_the_base_mixes_shared_weights_and_keeps_new_head_rows() -> None:
+    base = {"w": torch.zeros(2, 3), "head": torch.zeros(2), "steps": torch.tensor(5)}
+    adapted = {"w": torch.ones(2, 3), "head": torch.ones(3), "steps": torch.tensor(7)}
+    mixed = toward_base(adapted, base, 0.25)
+    assert torch.allclose(mixed["w"], torch.full((2, 3), 0.75))
+    assert mixed["head"].tolist() == [0.75, 0.75, 1.0]  # the new label's row stays as adapted
+    assert int(mixed["steps"]) == 7  # counters are not mixed
+    assert torch.equal(toward_base(adapted, base, 0.0)["w"], adapted["w"])
+    assert adapted["w"].sum() == 6  # the adapted weights themselves are left alone
+
+
+def test_hardening_retrains_the_last_blocks_and_keeps_the_early_ones(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """python -m trainer.harden: the frozen blocks keep their weights, the head learns, and
+    the checkpoint keeps its labels and split for smartbin-convert."""
+    start_path = tiny_checkpoint(tiny_bundle)
+    out = tmp_path / "hardened.pt"
+    harden_main(
+        [str(start_path), "--data", str(tiny_data), "--out", str(out)]
+        + ["--views", "2", "--steps", "3", "--keep-base", "0", "--device", "cpu"]
+    )
+    start = torch.load(start_path, map_location="cpu", weights_only=True)
+    hardened = torch.load(out, map_location="cpu", weights_only=True)
+    assert hardened["labels"] == start["labels"]
+    assert hardened["split"]["fingerprint"] == start["split"]["fingerprint"]
+    before, after = start["state_dict"], hardened["state_dict"]
+    early = [k for k in before if k.startswith(("backbone.conv_stem", "backbone.blocks.0."))]
+    assert early and all(torch.equal(before[k], after[k]) for k in early)
+    head = "backbone.classifier.weight"
+    assert not torch.equal(before[head], after[head])
+    build_from_checkpoint(hardened)  # a model smartbin-convert can load

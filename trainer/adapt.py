@@ -335,9 +335,10 @@ class TrainingSet:
     distilled: torch.Tensor | None = None  # bool, one per row
 
 
-def _teacher_probabilities(
+def teacher_probabilities(
     base: PixelClassifier, features: torch.Tensor, config: AdaptConfig, device: torch.device
 ) -> torch.Tensor:
+    """The base model's probabilities from trunk features, at the distillation temperature."""
     out = []
     with torch.no_grad():
         for start in range(0, len(features), 64):
@@ -545,7 +546,7 @@ def adapt(
     # it, its answers on the replay photos keep what it did on its own photos, beside their
     # labels (the replay photos' trunk features are the base model's own, so this costs nothing).
     if not replay or config.replay_distill:
-        data.teacher = _teacher_probabilities(base, data.features, config, device)
+        data.teacher = teacher_probabilities(base, data.features, config, device)
         data.distilled = torch.ones(len(data.labels), dtype=torch.bool)
         if replay:
             data.distilled[: len(site_targets)] = False

@@ -34,7 +34,7 @@ from smartbin.preprocessing import Preprocessing, prepare
 from trainer.adapt import (
     AdaptConfig,
     TrainingSet,
-    top_logits,
+    teacher_probabilities,
     toward_base,
     train_top,
     trunk_features,
@@ -109,25 +109,12 @@ def harden(
     features, labels, is_clean = view_features(start, samples, spec, config, device)
     data = TrainingSet(features, labels)
     if config.top.distill_weight:
-        data.teacher = _answers(start, features, config, device)
+        data.teacher = teacher_probabilities(start, features, config.top, device)
         data.distilled = is_clean
     model = build_from_checkpoint(checkpoint).to(device)
     passes = train_top(model, data, config.top, device, len(checkpoint["labels"]))
     state = toward_base(model.state_dict(), start.state_dict(), config.keep_base)
     return {**checkpoint, "state_dict": state, "hardened": {"passes": passes}}
-
-
-def _answers(
-    model: PixelClassifier, features: torch.Tensor, config: HardenConfig, device: torch.device
-) -> torch.Tensor:
-    """The starting model's probabilities at the distillation temperature."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(features), 64):
-            batch = features[start : start + 64].to(device).float()
-            logits = top_logits(model, batch, config.top.train_from_block)
-            out.append((logits.float() / config.top.distill_temperature).softmax(1).cpu())
-    return torch.cat(out)
 
 
 def main(argv: list[str] | None = None) -> None:

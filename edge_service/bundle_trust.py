@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # smartbin.signing.manifest_digest of edge_service/default_bundle. Replacing the shipped bundle
 # means updating this (tests/edge/test_bundle_signing.py says so, with the new value).
-SHIPPED_MANIFEST_SHA256 = "e1a0bffda8803a715ca5a7da9be738a7224b68181d93c46c3afa2e4e6d502826"
+SHIPPED_MANIFEST_SHA256 = "2c6d90039c72885f002c9bd9828d8f6f8807921514973c46d920e5f18ef21540"
 
 
 class BundleTrust:

@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPOSITORY / "edge_service" / "default_bundle"
 DEFAULT_FLOAT_TWIN = REPOSITORY / "tests" / "data" / "default_float32.tflite"
-FLOAT_TWIN_SHA256 = "9b658f176d3d395d2a50e78d9a2ae9be102f618b221e2e6994c1fc8076de5323"
+FLOAT_TWIN_SHA256 = "2c45f62a2d312c29b88aac41640968f8de703648ed151892c3e6185054ed7c28"
 # sha256 of the rebuilt state dict (state_dict_sha256), from the twin above.
-RECOVERED_STATE_SHA256 = "9ff67a3dcb5a3695a286dfc112e123cb37df9f9790f0017b693a0acd7173ede2"
+RECOVERED_STATE_SHA256 = "e83c138eb11955939d4263c9fde5b4c34e656375317270e5d538e41306ce1387"
 CHECKPOINT_NAME = "default_recovered.pt"
 
 # TFLite kernels, (out, kh, kw, in) and depthwise (1, kh, kw, channels), to PyTorch's layout.

@@ -213,7 +213,12 @@ def run(
     config = config or AdaptConfig()
     site = load_site(data, keep)
     if site.skipped_folders:
-        logger.info("left out %s (--keep-folder NAME learns one as a label)", site.skipped_folders)
+        logger.info(
+            "not learnt as labels: %s (--keep-folder NAME learns one; with --replay, %s photos "
+            "are the backdrops of the replay items)",
+            site.skipped_folders,
+            NOT_AN_ITEM,
+        )
     base = load_bundle(base_dir)
     start = base_checkpoint(base, checkpoint, float_twin)
     replay: list[Sample] = []

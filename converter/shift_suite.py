@@ -53,6 +53,7 @@ from trainer.cutout import (  # noqa: F401
     Cutout,
     composite,
     cut_out,
+    encode,
     feathered_frame,
     item_box,
     item_mask,
@@ -436,12 +437,6 @@ def shift_rng(data: bytes, shift: str) -> np.random.Generator:
     shifts, in any order, gives the same pictures."""
     digest = hashlib.sha256(shift.encode() + b"\0" + data).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def encode(photo: np.ndarray, quality: int = 92) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(photo).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def harder_shifted(

@@ -45,7 +45,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from smartbin.preprocessing import Preprocessing, decode_image, prepare
-from trainer.cutout import composite, cut_out
+from trainer.cutout import composite, cut_out, encode
 from trainer.data import IMAGE_SUFFIXES, Sample
 from trainer.distill import distillation_loss
 from trainer.model import PixelClassifier, build_from_checkpoint
@@ -153,12 +153,6 @@ def load_backdrops(root: Path, folder: str = NOT_AN_ITEM) -> list[bytes]:
     return [p.read_bytes() for p in sorted(where.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _encode(photo: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(photo).save(buffer, "JPEG", quality=92)
-    return buffer.getvalue()
-
-
 def on_backdrops(
     photos: Sequence[Sample], backdrops: Sequence[bytes], per_photo: int, seed: int
 ) -> list[Sample]:
@@ -190,7 +184,7 @@ def on_backdrops(
                 float(rng.uniform(height * scale / 2, height - height * scale / 2)),
             )
             photo = composite(cut, np.asarray(part, np.float32), scale, centre)
-            composed.append(Sample(f"{sample.key}@backdrop{copy}", sample.label, _encode(photo)))
+            composed.append(Sample(f"{sample.key}@backdrop{copy}", sample.label, encode(photo)))
     return composed
 
 
@@ -538,9 +532,7 @@ def adapt(
         targets.append(
             torch.tensor([s.label for s in replay]).repeat_interleave(config.replay_views)
         )
-    composed = (
-        on_backdrops(replay, backdrops, config.backdrop_views, config.seed) if backdrops else []
-    )
+    composed = on_backdrops(replay, backdrops, config.backdrop_views, config.seed)
     data = TrainingSet(torch.cat(features), torch.cat(targets))
     # Without replay the base model's answers on the site photos keep the missing labels; with
     # it, its answers on the replay photos keep what it did on its own photos, beside their

@@ -9,6 +9,7 @@ trains on them, so both cut items out the same way; this module is the one place
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 
@@ -196,6 +197,13 @@ def composite(
     blended = item * alpha[..., None] + floor * (1 - alpha[..., None])
     out: np.ndarray = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     return out
+
+
+def encode(photo: np.ndarray, quality: int = 92) -> bytes:
+    """``photo`` (uint8 HxWx3) as a JPEG file's bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def feathered_frame(height: int, width: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from helpers import PHOTOS
 from PIL import Image
 from tiny import tiny_checkpoint
 
-from converter.adapt import build_bundle, load_replay, main
+from converter.adapt import GATED, build_bundle, load_replay, main, pooled_accuracy
 from converter.convert import ParityError
 from smartbin.bundle import load_bundle
 from smartbin.model import TFLiteClassifier
@@ -149,8 +149,18 @@ def test_adapted_bundle_went_through_the_parity_gate(adapted_bundle: Path) -> No
     assert {"float", "int8", "agreement"} <= set(metrics)
     assert metrics["int8"]["site"]["count"] == 12
     report = json.loads((adapted_bundle / "report.json").read_text())
-    drop = report["float"]["site"]["accuracy"] - report["int8"]["site"]["accuracy"]
+    # Without replay photos the gate counts the site photos alone.
+    assert report["int8"][GATED] == {"accuracy": report["int8"]["site"]["accuracy"]}
+    drop = report["float"][GATED]["accuracy"] - report["int8"][GATED]["accuracy"]
     assert drop * 100 <= 1.0
+
+
+def test_the_gate_weighs_each_side_by_its_photo_count() -> None:
+    """3 answers lost on 150 site photos are 2 points there, 0.35 over 850 photos."""
+    photo = Sample("photo.jpg", 0, b"")
+    report = {"int8": {"site": {"accuracy": 147 / 150}, "replay": {"accuracy": 1.0}}}
+    sides = {"site": [photo] * 150, "replay": [photo] * 700}
+    assert pooled_accuracy(report, sides, "int8") == pytest.approx(847 / 850)
 
 
 def test_a_model_the_gate_refuses_writes_nothing(
@@ -164,7 +174,7 @@ def test_a_model_the_gate_refuses_writes_nothing(
     shutil.copytree(adapted_bundle, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     base = load_bundle(recover.DEFAULT_BUNDLE)
-    with pytest.raises(ParityError, match="site accuracy"):
+    with pytest.raises(ParityError, match="site and replay accuracy"):
         build_bundle(adapted, base, photos, [], out, calibration_count=4, max_drop=-101)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

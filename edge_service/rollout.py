@@ -357,7 +357,8 @@ class FleetPoller:
         self._served_since = Counts()  # the counters when the served model was swapped in
         self._watch: Watch | None = None
         self._reported: tuple[str, ...] = ()
-        self._last_reason = ""  # why the bin stands where it does in a handled rollout
+        # What the last settled report said (words and figures), repeated on later polls.
+        self._settled: tuple[str, Verdict | None] = ("", None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-poll", daemon=True)
         slot.swap_listeners.append(self._on_swap)
@@ -464,7 +465,7 @@ class FleetPoller:
             self._judge(rollout)
             return
         if outcome in ("serving", "rolled_back", "refused"):
-            self._report(rollout, cast(BinState, outcome), self._last_reason)
+            self._report(rollout, cast(BinState, outcome), *self._settled)
 
     def _may_proceed(self, rollout: Rollout) -> bool:
         """A bin that is not a canary: whether the soak is over and the canaries are well."""
@@ -509,7 +510,6 @@ class FleetPoller:
             return
         except (RolloutRefused, ReloadError) as err:
             self._record(rollout, "refused")
-            self._last_reason = str(err)
             self._report(rollout, "refused", str(err))
             logger.error("rollout %s refused: %s", rollout.rollout_id, err)
             return
@@ -521,7 +521,6 @@ class FleetPoller:
             self._report(rollout, "watching", "canary: comparing answers with the previous model")
         else:
             self._record(rollout, "serving")
-            self._last_reason = ""
             self._report(rollout, "serving", "")
 
     def _download(self, rollout: Rollout) -> Path:
@@ -612,7 +611,6 @@ class FleetPoller:
         reason = f"rolled back: {verdict.reason}"
         logger.warning("rollout %s: %s", rollout.rollout_id, reason)
         self._record(rollout, "rolled_back")
-        self._last_reason = reason
         self._report(rollout, "rolled_back", reason, verdict)
 
     def _report(
@@ -621,6 +619,8 @@ class FleetPoller:
         """Say where the bin stands: the metric, and the store when the rollout gives an
         upload address for this bin (only when something changed)."""
         self.metrics.rollout_state.state(state)
+        if state in ("serving", "rolled_back", "refused"):
+            self._settled = (reason, verdict)
         status = BinStatus(
             bin=self.fleet.bin_id,
             rollout_id=rollout.rollout_id,

@@ -248,9 +248,14 @@ def test_a_canary_whose_unsure_rate_regresses_rolls_back_and_holds_the_fleet(
     wait_for(lambda: time.time() > rollout.soak_ends_at + 3 * POLL, 20)
     wait_for(lambda: state_of(store, "bin-2") == "held", 10)
     assert version(other) == SHIPPED
-    # The rolled-back rollout is not taken again by the canary.
+    # The rolled-back rollout is not taken again by the canary, and its status keeps the
+    # figures of why over the later polls.
     time.sleep(5 * POLL)
     assert version(canary) == SHIPPED
+    later = status_of(store, "bin-canary")
+    assert later is not None and later.reason == status.reason
+    assert later.baseline_unsure_rate == status.baseline_unsure_rate
+    assert later.unsure_rate == pytest.approx(1.0)
 
 
 def test_rollbacks_swap_back_without_a_download_and_stay_rolled_back(

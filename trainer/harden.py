@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.top.steps)
     parser.add_argument("--distill-weight", type=float, default=defaults.top.distill_weight)
     parser.add_argument("--keep-base", type=float, default=defaults.top.keep_base)
+    parser.add_argument(
+        "--train-from-block",
+        type=int,
+        default=defaults.top.train_from_block,
+        help="the first block that learns; the ones before stay frozen",
+    )
     parser.add_argument("--limit-per-class", type=int, help="a quick run on fewer photos")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         distill_weight=args.distill_weight,
         keep_base=args.keep_base,
+        train_from_block=args.train_from_block,
         device=args.device,
         seed=args.seed,
     )

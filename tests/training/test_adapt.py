@@ -241,21 +241,26 @@ def test_moving_toward_the_base_mixes_shared_weights_and_keeps_new_head_rows() -
 def test_hardening_retrains_the_last_blocks_and_keeps_the_early_ones(
     tiny_bundle: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
-    """python -m trainer.harden: the frozen blocks keep their weights, the head learns, and
-    the checkpoint keeps its labels and split for smartbin-convert."""
+    """python -m trainer.harden: the blocks before --train-from-block keep their weights, that
+    block and the head learn, and the checkpoint keeps its labels and split for
+    smartbin-convert."""
     start_path = tiny_checkpoint(tiny_bundle)
     out = tmp_path / "hardened.pt"
     harden_main(
         [str(start_path), "--data", str(tiny_data), "--out", str(out)]
-        + ["--views", "2", "--steps", "3", "--keep-base", "0", "--device", "cpu"]
+        + ["--views", "2", "--steps", "3", "--keep-base", "0", "--train-from-block", "4"]
+        + ["--device", "cpu"]
     )
     start = torch.load(start_path, map_location="cpu", weights_only=True)
     hardened = torch.load(out, map_location="cpu", weights_only=True)
     assert hardened["labels"] == start["labels"]
     assert hardened["split"]["fingerprint"] == start["split"]["fingerprint"]
     before, after = start["state_dict"], hardened["state_dict"]
-    early = [k for k in before if k.startswith(("backbone.conv_stem", "backbone.blocks.0."))]
+    frozen = ("backbone.conv_stem", *(f"backbone.blocks.{i}." for i in range(4)))
+    early = [k for k in before if k.startswith(frozen)]
     assert early and all(torch.equal(before[k], after[k]) for k in early)
+    first_trained = [k for k in before if k.startswith("backbone.blocks.4.")]
+    assert any(not torch.equal(before[k], after[k]) for k in first_trained)
     head = "backbone.classifier.weight"
     assert not torch.equal(before[head], after[head])
     build_from_checkpoint(hardened)  # a model smartbin-convert can load

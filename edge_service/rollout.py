@@ -70,6 +70,8 @@ MAX_RECORD_BYTES = 1 << 20
 # (INVALID_ARGUMENT, CANCELLED...) and a busy bin's (RESOURCE_EXHAUSTED) do not.
 ERROR_CODES = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS", "DEADLINE_EXCEEDED"})
 ANSWERING_METHODS = frozenset({"Classify", "Capture"})
+# Where a handled rollout ends for this bin: the report then stands, repeated on every poll.
+SETTLED_STATES = frozenset({"serving", "rolled_back", "refused"})
 
 
 class StoreError(Exception):
@@ -464,7 +466,7 @@ class FleetPoller:
         if outcome == "watching":
             self._judge(rollout)
             return
-        if outcome in ("serving", "rolled_back", "refused"):
+        if outcome in SETTLED_STATES:
             self._report(rollout, cast(BinState, outcome), *self._settled)
 
     def _may_proceed(self, rollout: Rollout) -> bool:
@@ -619,7 +621,7 @@ class FleetPoller:
         """Say where the bin stands: the metric, and the store when the rollout gives an
         upload address for this bin (only when something changed)."""
         self.metrics.rollout_state.state(state)
-        if state in ("serving", "rolled_back", "refused"):
+        if state in SETTLED_STATES:
             self._settled = (reason, verdict)
         status = BinStatus(
             bin=self.fleet.bin_id,

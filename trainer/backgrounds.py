@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-from trainer.cutout import Cutout, composite, cut_out, motion_blur
+from trainer.cutout import Cutout, composite, cut_out, item_box, motion_blur
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +152,69 @@ class Cutouts:
         return Cutout(image, self.alphas[index].astype(np.float32) / 255.0, self.found[index])
 
 
-# Items are placed at this share of their size or more, so they stay large enough to name.
-SMALLEST_SCALE = 0.5
+@dataclass(frozen=True)
+class Placement:
+    """How an item lands on its backdrop: at ``smallest_scale`` to 100 % of its size, anywhere
+    it fits, and on ``occlusion`` of the placements partly covered (:func:`occlude`)."""
+
+    smallest_scale: float = 0.5  # items stay large enough to name
+    occlusion: float = 0.0
 
 
-def replace_background(cut: Cutout, rng: np.random.Generator) -> np.ndarray:
-    """The item on a random backdrop, at 50 to 100 % of its size, anywhere it fits; uint8."""
+DEFAULT_PLACEMENT = Placement()
+
+
+def replace_background(
+    cut: Cutout, rng: np.random.Generator, placement: Placement = DEFAULT_PLACEMENT
+) -> np.ndarray:
+    """The item on a random backdrop, placed as ``placement`` says; uint8 HxWx3."""
     width, height = cut.size
-    scale = float(rng.uniform(SMALLEST_SCALE, 1.0))
+    scale = float(rng.uniform(placement.smallest_scale, 1.0))
     margin_x, margin_y = width * scale / 2, height * scale / 2
     centre = (
         float(rng.uniform(min(margin_x, width / 2), max(width - margin_x, width / 2))),
         float(rng.uniform(min(margin_y, height / 2), max(height - margin_y, height / 2))),
     )
-    return composite(cut, random_backdrop(rng, width, height), scale, centre)
+    photo = composite(cut, random_backdrop(rng, width, height), scale, centre)
+    if rng.random() < placement.occlusion:
+        photo = occlude(photo, _placed_box(cut, scale, centre), rng)
+    return photo
+
+
+def _placed_box(
+    cut: Cutout, scale: float, centre: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """The item's box once :func:`composite` has scaled it about its centre onto ``centre``."""
+    width, height = cut.size
+    left, top, right, bottom = item_box(cut.alpha) if cut.found else (0, 0, width, height)
+    scale = scale if cut.found else min(scale, 0.75)  # as composite shrinks a frame-filling item
+    half_w, half_h = (right - left) * scale / 2, (bottom - top) * scale / 2
+    return centre[0] - half_w, centre[1] - half_h, centre[0] + half_w, centre[1] + half_h
+
+
+def occlude(
+    photo: np.ndarray, box: tuple[float, float, float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """Something between the item in ``box`` and the camera (a bag, a sleeve, another item): a
+    soft-edged ellipse of a random backdrop centred on one of the box's sides, covering about
+    5 to 30 % of the box; uint8 HxWx3. Not the harder suite's hand, so that it still measures
+    a cover the model never saw."""
+    left, top, right, bottom = box
+    box_w, box_h = right - left, bottom - top
+    x, y = float(rng.uniform(left, right)), float(rng.uniform(top, bottom))
+    side = int(rng.integers(4))
+    x = (left, right, x, x)[side]
+    y = (y, y, top, bottom)[side]
+    radius_x, radius_y = rng.uniform(0.2, 0.45) * box_w, rng.uniform(0.2, 0.45) * box_h
+    height, width = photo.shape[:2]
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).ellipse(
+        (x - radius_x, y - radius_y, x + radius_x, y + radius_y), fill=255
+    )
+    cover = np.asarray(canvas.filter(ImageFilter.GaussianBlur(1.5)), np.float32)[..., None] / 255
+    blended = photo * (1 - cover) + random_backdrop(rng, width, height) * cover
+    out: np.ndarray = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from trainer.adapt import (
     train_top,
     trunk_features,
 )
+from trainer.backgrounds import Placement
 from trainer.data import Sample, first_per_class, load_source, make_split_manifest, select
 from trainer.model import PixelClassifier, build_from_checkpoint
 from trainer.train import TrainImages, choose_device
@@ -52,6 +53,7 @@ class HardenConfig:
 
     views: int = 4  # the photo as it is, then views - 1 augmented copies
     backgrounds: float = 0.7  # share of the augmented copies put on a random backdrop
+    placement: Placement = Placement()
     # keep_base 0.6: the share chosen on val (docs/models.md), the shipped default's.
     top: AdaptConfig = AdaptConfig(steps=600, keep_base=0.6)
     batch_size: int = 32  # views through the frozen blocks at a time
@@ -82,7 +84,9 @@ def view_features(
     )
     labels = torch.tensor([s.label for s in samples])
     features = [_trunk(model, clean, cut, device, config.batch_size)]
-    images = TrainImages(list(samples), spec.input_size, config.backgrounds, "strong")
+    images = TrainImages(
+        list(samples), spec.input_size, config.backgrounds, "strong", config.placement
+    )
     for view in range(1, config.views):
         torch.manual_seed(config.top.seed * 1000 + view)  # TrainImages draws from torch's
         pixels = torch.stack([images[i][0] for i in range(len(samples))])
@@ -123,6 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--views", type=int, default=defaults.views)
     parser.add_argument("--backgrounds", type=float, default=defaults.backgrounds)
+    parser.add_argument(
+        "--smallest-scale",
+        type=float,
+        default=defaults.placement.smallest_scale,
+        help="the smallest share of its size an item is placed on a backdrop at",
+    )
+    parser.add_argument(
+        "--occlusion",
+        type=float,
+        default=defaults.placement.occlusion,
+        help="share of the placed items partly covered by a blob of another backdrop",
+    )
     parser.add_argument("--steps", type=int, default=defaults.top.steps)
     parser.add_argument("--distill-weight", type=float, default=defaults.top.distill_weight)
     parser.add_argument("--keep-base", type=float, default=defaults.top.keep_base)
@@ -157,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         seed=args.seed,
     )
-    config = replace(defaults, views=args.views, backgrounds=args.backgrounds, top=top)
+    placement = Placement(args.smallest_scale, args.occlusion)
+    config = replace(
+        defaults, views=args.views, backgrounds=args.backgrounds, placement=placement, top=top
+    )
     started = time.time()
     hardened = harden(checkpoint, train, config)
     hardened["split"] = split

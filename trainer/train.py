@@ -31,7 +31,13 @@ from torchvision.transforms import v2
 
 from smartbin.preprocessing import Preprocessing, decode_image
 from trainer import distributed
-from trainer.backgrounds import Cutouts, Photometric, replace_background
+from trainer.backgrounds import (
+    DEFAULT_PLACEMENT,
+    Cutouts,
+    Photometric,
+    Placement,
+    replace_background,
+)
 from trainer.config import ConfigError, TrainConfig, add_arguments
 from trainer.data import SPLITS, Sample, first_per_class, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
@@ -68,9 +74,9 @@ class TrainImages(Dataset):
     """Training photos decoded once (uint8 CHW), augmented on every read.
 
     With ``backgrounds`` above 0 each item is cut off its board once, and on that share of the
-    reads put on a random backdrop before the camera augmentation; ``photometric`` "strong"
-    adds other cameras' white balance, smear, noise, resolution and JPEG after it
-    (:mod:`trainer.backgrounds`).
+    reads put on a random backdrop (as ``placement`` says) before the camera augmentation;
+    ``photometric`` "strong" adds other cameras' white balance, smear, noise, resolution and
+    JPEG after it (:mod:`trainer.backgrounds`).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class TrainImages(Dataset):
         size: int,
         backgrounds: float = 0.0,
         photometric: str = "camera",
+        placement: Placement = DEFAULT_PLACEMENT,
     ) -> None:
         # Decode at about twice the model input: crops stay sharp and memory stays small.
         self.images = [
@@ -90,6 +97,7 @@ class TrainImages(Dataset):
         self.labels = [s.label for s in samples]
         self.transform = camera_augmentation(size)
         self.backgrounds = backgrounds
+        self.placement = placement
         self.cutouts = Cutouts.of([_hwc(image) for image in self.images]) if backgrounds else None
         self.photometric = Photometric() if photometric == "strong" else None
 
@@ -102,7 +110,7 @@ class TrainImages(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
         if self.cutouts is not None and rng.random() < self.backgrounds:
             cut = self.cutouts.cutout(index, _hwc(image))
-            image = _chw(replace_background(cut, rng))
+            image = _chw(replace_background(cut, rng, self.placement))
         image = self.transform(image)
         if self.photometric is not None:
             image = _chw(self.photometric(_hwc(image), rng))

@@ -249,7 +249,7 @@ def test_hardening_retrains_the_last_blocks_and_keeps_the_early_ones(
     harden_main(
         [str(start_path), "--data", str(tiny_data), "--out", str(out)]
         + ["--views", "2", "--steps", "3", "--keep-base", "0", "--train-from-block", "4"]
-        + ["--device", "cpu"]
+        + ["--occlusion", "0.5", "--smallest-scale", "0.35", "--device", "cpu"]
     )
     start = torch.load(start_path, map_location="cpu", weights_only=True)
     hardened = torch.load(out, map_location="cpu", weights_only=True)

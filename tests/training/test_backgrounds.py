@@ -19,6 +19,8 @@ from trainer.backgrounds import (
     BACKDROPS,
     Cutouts,
     Photometric,
+    Placement,
+    occlude,
     random_backdrop,
     replace_background,
 )
@@ -65,6 +67,35 @@ def test_the_item_keeps_its_pixels_on_a_new_backdrop() -> None:
         # where a backdrop is itself red.
         assert reddish(out) >= 0.25 * 0.9 * reddish(photo)
         assert np.abs(out[board].astype(float) - photo[board]).mean() > 10  # not the board
+
+
+def test_a_placement_can_put_the_item_further_away_and_partly_covered() -> None:
+    photo = red_item_on_board()
+    cut = Cutouts.of([photo]).cutout(0, photo)
+    red = reddish(photo)
+    far = Placement(smallest_scale=0.3)
+    sizes = [reddish(replace_background(cut, np.random.default_rng(s), far)) for s in range(12)]
+    # Under half its size (a quarter of its area) in some placements, never gone.
+    assert min(sizes) < 0.25 * red and min(sizes) > 0.3**2 * 0.8 * red
+    covered = Placement(smallest_scale=1.0, occlusion=1.0)
+    for seed in range(8):
+        out = replace_background(cut, np.random.default_rng(seed), covered)
+        assert 0.55 * red < reddish(out) < 0.97 * red  # part of the item hidden, most kept
+
+
+def test_an_occluder_covers_the_side_of_the_box_it_reaches_in_from() -> None:
+    photo = np.full((200, 200, 3), 128, dtype=np.uint8)
+    box = (70.0, 70.0, 130.0, 130.0)
+    for seed in range(10):
+        changed = np.abs(occlude(photo, box, np.random.default_rng(seed)).astype(float) - 128)
+        where = changed.max(axis=-1) > 0
+        assert 0.03 < where[70:130, 70:130].mean() < 0.4
+        # Centred on a side, it reaches under half the box in: at most its blurred edge
+        # touches the middle.
+        assert changed[100, 100].max() < 30
+        # and it reaches out no further than it reaches in (27 px, under half the box, and blur)
+        assert not where[:35].any() and not where[165:].any()
+        assert not where[:, :35].any() and not where[:, 165:].any()
 
 
 def test_reads_with_backgrounds_and_strong_photometric_are_training_inputs() -> None:

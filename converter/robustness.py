@@ -36,6 +36,7 @@ from smartbin.preprocessing import Preprocessing, prepare
 from trainer.data import Sample, load_source, make_split_manifest, select
 from trainer.evaluate import predict
 from trainer.model import PixelClassifier, build_from_checkpoint
+from trainer.soup import check_alike
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +130,9 @@ def interpolate(
     """``(1 - alpha) * start + alpha * end``, tensor by tensor (integer buffers, such as batch
     norm's counters, are taken from ``end``). Both must share one parameterisation: batch norm
     folded alike, the same keys and shapes."""
-    if start.keys() != end.keys():
-        raise ValueError(f"the two models differ in their tensors: {set(start) ^ set(end)}")
+    check_alike(start, end)
     mixed = {}
     for key, tensor in end.items():
-        if tensor.shape != start[key].shape:
-            raise ValueError(f"{key}: {tuple(start[key].shape)} against {tuple(tensor.shape)}")
         if tensor.is_floating_point():
             mixed[key] = torch.lerp(start[key].to(tensor.dtype), tensor, alpha)
         else:

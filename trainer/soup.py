@@ -18,8 +18,19 @@ from typing import Any
 import torch
 
 from trainer.adapt import toward_base
+from trainer.distill import load_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+def check_alike(first: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless the two state dicts share one parameterisation: the same tensor
+    names and shapes (batch norm folded alike), so that they can be mixed tensor by tensor."""
+    if other.keys() != first.keys():
+        raise ValueError(f"the models differ in their tensors: {set(first) ^ set(other)}")
+    for key, tensor in first.items():
+        if other[key].shape != tensor.shape:
+            raise ValueError(f"{key}: {tuple(tensor.shape)} against {tuple(other[key].shape)}")
 
 
 def average(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -30,11 +41,7 @@ def average(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
     """
     first = state_dicts[0]
     for other in state_dicts[1:]:
-        if other.keys() != first.keys():
-            raise ValueError(f"the models differ in their tensors: {set(first) ^ set(other)}")
-        for key, tensor in first.items():
-            if other[key].shape != tensor.shape:
-                raise ValueError(f"{key}: {tuple(tensor.shape)} against {tuple(other[key].shape)}")
+        check_alike(first, other)
     soup = {}
     for key, tensor in first.items():
         if tensor.is_floating_point():
@@ -48,18 +55,16 @@ def average(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
 def soup(
     ingredients: Sequence[dict[str, Any]], start: dict[str, Any], keep_base: float
 ) -> dict[str, Any]:
-    """The average of ``ingredients`` (checkpoints fine-tuned from ``start``), moved
-    ``keep_base`` back toward ``start``, as a checkpoint like the first ingredient.
+    """The average of ``ingredients`` (checkpoints fine-tuned from ``start`` on its labels and
+    split: :func:`trainer.distill.load_checkpoint` reads them so), moved ``keep_base`` back
+    toward ``start``, as a checkpoint like the first ingredient.
 
     Raises:
-        ValueError: an ingredient has other labels or another split than ``start``.
+        ValueError: an ingredient is another architecture than ``start``, or its tensors differ.
     """
     for checkpoint in ingredients:
-        for field in ("labels", "arch"):
-            if checkpoint.get(field) != start.get(field):
-                raise ValueError(f"{field}: {checkpoint.get(field)} against {start.get(field)}")
-        if checkpoint["split"]["fingerprint"] != start["split"]["fingerprint"]:
-            raise ValueError("the ingredients were trained on another split than the start")
+        if checkpoint.get("arch") != start.get("arch"):
+            raise ValueError(f"arch: {checkpoint.get('arch')} against {start.get('arch')}")
     mean = average([c["state_dict"] for c in ingredients])
     state = toward_base(mean, start["state_dict"], keep_base)
     return {**ingredients[0], "state_dict": state, "soup": {"ingredients": len(ingredients)}}
@@ -74,10 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    def load(path: Path) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    result = soup([load(p) for p in args.ingredients], load(args.start), args.keep_base)
+    start = torch.load(args.start, map_location="cpu", weights_only=True)
+    fingerprint = start["split"]["fingerprint"]
+    ingredients = [load_checkpoint(p, start["labels"], fingerprint) for p in args.ingredients]
+    result = soup(ingredients, start, args.keep_base)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result, args.out)
     logger.info(

@@ -49,10 +49,19 @@ def test_the_soup_is_the_mean_moved_back_toward_the_start(tmp_path: Path) -> Non
     assert all(torch.equal(v, one["state_dict"][k]) for k, v in alone.items())
 
 
-def test_models_of_other_labels_or_shapes_are_refused() -> None:
+def test_models_of_other_labels_splits_or_shapes_are_refused(tmp_path: Path) -> None:
     start = checkpoint(0)
-    with pytest.raises(ValueError, match="labels"):
-        soup.soup([checkpoint(1, ["a", "b", "c", "d", "e", "g"])], start, 0.5)
+    torch.save(start, tmp_path / "start.pt")
+    other_split = dict(checkpoint(2), split={"fingerprint": "beef"})
+    for name, c in (
+        ("labels", checkpoint(1, ["a", "b", "c", "d", "e", "g"])),
+        ("split", other_split),
+    ):
+        torch.save(c, tmp_path / f"{name}.pt")
+        args = [str(tmp_path / f"{name}.pt"), "--start", str(tmp_path / "start.pt")]
+        with pytest.raises(ValueError, match=name):
+            soup.main([*args, "--out", str(tmp_path / "soup.pt")])
+    assert not (tmp_path / "soup.pt").exists()
     other = dict(start, state_dict=dict(start["state_dict"], **{KEY: torch.zeros(4, 1280)}))
     with pytest.raises(ValueError, match="classifier"):
         soup.soup([start, other], start, 0.5)

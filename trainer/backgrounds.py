@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from trainer.cutout import Cutout, composite, cut_out, item_box, motion_blur
+from trainer.cutout import FRAME_FILLING_SCALE, Cutout, composite, cut_out, item_box, motion_blur
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _placed_box(
     """The item's box once :func:`composite` has scaled it about its centre onto ``centre``."""
     width, height = cut.size
     left, top, right, bottom = item_box(cut.alpha) if cut.found else (0, 0, width, height)
-    scale = scale if cut.found else min(scale, 0.75)  # as composite shrinks a frame-filling item
+    scale = scale if cut.found else min(scale, FRAME_FILLING_SCALE)  # as composite shrinks it
     half_w, half_h = (right - left) * scale / 2, (bottom - top) * scale / 2
     return centre[0] - half_w, centre[1] - half_h, centre[0] + half_w, centre[1] + half_h
 

@@ -170,6 +170,11 @@ def cut_out(image: Image.Image) -> Cutout:
 # Composition.
 
 
+# An item with no board found around it fills its frame: it is shrunk at least to this share
+# when composed, so that the new floor shows around it.
+FRAME_FILLING_SCALE = 0.75
+
+
 def composite(
     cut: Cutout,
     floor: np.ndarray,
@@ -185,7 +190,7 @@ def composite(
     width, height = cut.size
     item, alpha = cut.image.astype(np.float32), cut.alpha
     if not cut.found:
-        scale = min(scale, 0.75)
+        scale = min(scale, FRAME_FILLING_SCALE)
         alpha = feathered_frame(height, width)
     if scale != 1.0 or centre is not None:
         item, alpha = _place(item, alpha, scale, centre or (width / 2, height / 2))

@@ -173,6 +173,7 @@ def build_bundle(
         "data": str(site.root),
         "calibration_images": len(photos),
         "backdrop_photos": adapted.backdrop_photos,
+        "backdrop_light": adapted.backdrop_light,
         "passes": adapted.passes,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         "(its empty scene); 0: never",
     )
     parser.add_argument(
+        "--no-match-light",
+        action="store_true",
+        help="put the replay items on the empty scene in their own light, not in the site's "
+        "light as its labelled photos show it",
+    )
+    parser.add_argument(
         "--keep-base",
         type=float,
         default=defaults.keep_base,
@@ -308,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         views=args.views,
         backdrop_views=args.backdrop_views,
+        match_light=not args.no_match_light,
         keep_base=args.keep_base,
         train_from_block=args.train_from_block,
         device=args.device,

@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
         help="replay photos learn their labels only, not the base model's answers too",
     )
     parser.add_argument(
+        "--no-match-light",
+        action="store_true",
+        help="replay items on the empty floor keep their own light (smartbin-adapt's flag)",
+    )
+    parser.add_argument(
         "--int8-counts",
         nargs="*",
         type=int,
@@ -359,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         train_from_block=args.train_from_block,
         keep_base=args.keep_base,
         replay_distill=not args.no_replay_distill,
+        match_light=not args.no_match_light,
     )
     image_set = load_source(args.data)
     split = make_split_manifest(image_set, seed=0)

@@ -20,7 +20,8 @@ and keeps what the site cannot show:
 - photos of the empty scene (filed as "not an item") are backdrops: each replay photo's item is
   cut off its white board and put on them (:func:`on_backdrops`), so every base category is
   also seen on the site's own floor, light and lens, many more times than the few labelled
-  site photos show it.
+  site photos show it; the items take the site's light, as its labelled photos show it
+  (:func:`trainer.light.site_light`).
 
 The folder of site photos has one sub-folder per category (a ``smartbin-collect`` folder);
 files that are not images (sidecar ``.json``) are ignored, and so is the "not an item" folder
@@ -34,7 +35,7 @@ import io
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from smartbin.preprocessing import Preprocessing, decode_image, prepare
 from trainer.cutout import composite, cut_out, encode
 from trainer.data import IMAGE_SUFFIXES, Sample
 from trainer.distill import distillation_loss
+from trainer.light import site_light
 from trainer.model import PixelClassifier, build_from_checkpoint
 from trainer.train import camera_augmentation, choose_device
 
@@ -79,6 +81,7 @@ class AdaptConfig:
     replay_views: int = 1
     replay_distill: bool = True  # replay photos also learn the base model's answers
     backdrop_views: int = 2  # each replay item on this many empty-scene photos (0: none)
+    match_light: bool = True  # the items put there take the site's light (trainer.light)
     keep_base: float = 0.5  # the adapted weights are moved this share back toward the base's
     seed: int = 0
     device: str = "auto"
@@ -154,13 +157,18 @@ def load_backdrops(root: Path, folder: str = NOT_AN_ITEM) -> list[bytes]:
 
 
 def on_backdrops(
-    photos: Sequence[Sample], backdrops: Sequence[bytes], per_photo: int, seed: int
+    photos: Sequence[Sample],
+    backdrops: Sequence[bytes],
+    per_photo: int,
+    seed: int,
+    light: np.ndarray | None = None,
 ) -> list[Sample]:
     """Each photo's item cut off its white board (:func:`trainer.cutout.cut_out`) and put on
     ``per_photo`` of ``backdrops``: a part of one, mirrored or not, at 50 to 100 % of the
-    item's size, anywhere it fits. Every choice is drawn from the photo, the copy and ``seed``,
-    so the same photos give the same composites. A photo whose board is not found (a box that
-    fills its frame) is shrunk to 75 % and framed by the backdrop."""
+    item's size, anywhere it fits, its colours multiplied by ``light`` (gains per channel,
+    :func:`trainer.light.site_light`) when given. Every choice is drawn from the photo, the
+    copy and ``seed``, so the same photos give the same composites. A photo whose board is not
+    found (a box that fills its frame) is shrunk to 75 % and framed by the backdrop."""
     if not backdrops or per_photo == 0:
         return []
     floors = []
@@ -171,6 +179,9 @@ def on_backdrops(
     for sample in photos:
         with Image.open(io.BytesIO(sample.data)) as image:
             cut = cut_out(ImageOps.exif_transpose(image))
+        if light is not None:
+            lit = np.clip(cut.image * light.astype(np.float32), 0, 255).astype(np.uint8)
+            cut = replace(cut, image=lit)
         width, height = cut.size
         for copy in range(per_photo):
             rng = np.random.default_rng(_view_seed(sample, 1000 + copy, seed))
@@ -490,6 +501,7 @@ class Adapted:
     kept_by: str
     passes: list[dict[str, float]]
     backdrop_photos: int = 0  # replay items composed on the empty scene
+    backdrop_light: list[float] | None = None  # the gains that lit them (RGB), if any
 
 
 def adapt(
@@ -532,7 +544,11 @@ def adapt(
         targets.append(
             torch.tensor([s.label for s in replay]).repeat_interleave(config.replay_views)
         )
-    composed = on_backdrops(replay, backdrops, config.backdrop_views, config.seed)
+    light = None
+    if replay and backdrops and config.backdrop_views and config.match_light:
+        light = site_light(site_samples, backdrops, replay)
+        logger.info("the site's light on the replay items: %s", light)
+    composed = on_backdrops(replay, backdrops, config.backdrop_views, config.seed, light)
     data = TrainingSet(torch.cat(features), torch.cat(targets))
     # Without replay the base model's answers on the site photos keep the missing labels; with
     # it, its answers on the replay photos keep what it did on its own photos, beside their
@@ -584,7 +600,8 @@ def adapt(
         "data": str(site.root),
     }
     kept_by = "replay" if replay else "distillation"
-    return Adapted(checkpoint, labels, added, missing, kept_by, rows, len(composed))
+    lit = None if light is None else [round(float(g), 3) for g in light]
+    return Adapted(checkpoint, labels, added, missing, kept_by, rows, len(composed), lit)
 
 
 def pick_replay(

@@ -213,6 +213,14 @@ def test_an_item_put_on_the_empty_scene_is_framed_by_it() -> None:
     again = on_backdrops([sample], [red], per_photo=3, seed=0)
     assert [c.data for c in again] == [c.data for c in composed]
     assert on_backdrops([sample], [], per_photo=3, seed=0) == []
+    # In a light without blue (the site's, trainer.light) the item loses its blue; the red floor
+    # keeps the little it has.
+    no_blue = on_backdrops([sample], [red], per_photo=1, seed=0, light=np.array([1.0, 1.0, 0.0]))
+    assert _blue(no_blue[0].data) < 0.7 * _blue(composed[0].data)
+
+
+def _blue(data: bytes) -> float:
+    return float(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[..., 2].mean())
 
 
 def test_replay_items_are_also_learnt_on_the_sites_empty_scene(site: Path) -> None:
@@ -223,8 +231,9 @@ def test_replay_items_are_also_learnt_on_the_sites_empty_scene(site: Path) -> No
     checkpoint = torch.load(recover.default_checkpoint(), map_location="cpu", weights_only=True)
     adapted = adapt(checkpoint, load_site(site), replay.samples, QUICK, None, load_backdrops(site))
     assert adapted.backdrop_photos == len(replay.samples) * QUICK.backdrop_views > 0
+    assert adapted.backdrop_light is not None and len(adapted.backdrop_light) == 3
     plain = adapt(checkpoint, load_site(site), replay.samples, QUICK)
-    assert plain.backdrop_photos == 0
+    assert plain.backdrop_photos == 0 and plain.backdrop_light is None
 
 
 def test_moving_toward_the_base_mixes_shared_weights_and_keeps_new_head_rows() -> None:

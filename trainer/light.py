@@ -17,13 +17,13 @@ on a plain floor, the shadow's pixels count as the item's.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from smartbin.preprocessing import decode_image
 from trainer.cutout import SEGMENT_SIDE, item_mask
 from trainer.data import Sample
 
@@ -41,8 +41,9 @@ GAIN_RANGE = (0.5, 2.0)
 
 
 def _pixels(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
+    """The photo upright, its shorter side at :data:`SEGMENT_SIDE`: the size
+    :func:`trainer.cutout.item_mask` answers at."""
+    rgb = decode_image(data)
     scale = SEGMENT_SIDE / min(rgb.size)
     return rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BOX)
 
@@ -82,8 +83,7 @@ def _training_item_colours(replay: Sequence[Sample], labels: set[int]) -> dict[i
         image = _pixels(sample.data)
         mask, found = item_mask(image)
         if found:
-            photo = np.asarray(image.resize(mask.shape[::-1], Image.Resampling.BOX))
-            pixels.setdefault(sample.label, []).append(photo[mask])
+            pixels.setdefault(sample.label, []).append(np.asarray(image)[mask])
     return {label: np.concatenate(parts) for label, parts in pixels.items()}
 
 
@@ -102,7 +102,6 @@ def site_light(
     ratios = [
         on_site[label].mean(0) / np.maximum(trained[label].mean(0), 1.0)
         for label in sorted(trained)
-        if len(trained[label])
     ]
     if not ratios:
         return None

@@ -16,6 +16,11 @@ saw:
 ``granite``   speckles of several sizes and colours on a random base colour
 ============  ====================================================================
 
+A share of the placements (``Placement.other_items``) lands instead on a piece of another
+training item, enlarged to fill the frame: a bin's floor is mostly other waste, and a box's
+brown or a bag's crinkle around an item then belongs to no category (on wooden planks the
+default once called most items cardboard: docs/models.md).
+
 Strong photometric augmentation (:class:`Photometric`) then does what other cameras do to a
 photo: another white balance (random gains per channel), a smear along a random direction, a
 coarse sensor (noise, or a smaller picture scaled back up) and a cheap JPEG encoder (quality
@@ -155,27 +160,50 @@ class Cutouts:
 @dataclass(frozen=True)
 class Placement:
     """How an item lands on its backdrop: at ``smallest_scale`` to 100 % of its size, anywhere
-    it fits, and on ``occlusion`` of the placements partly covered (:func:`occlude`)."""
+    it fits, on ``occlusion`` of the placements partly covered (:func:`occlude`), and on
+    ``other_items`` of them on a piece of another training item (:func:`piece_of`)."""
 
     smallest_scale: float = 0.5  # items stay large enough to name
     occlusion: float = 0.0
+    other_items: float = 0.0  # share of the backdrops that are a piece of another item
 
 
 DEFAULT_PLACEMENT = Placement()
 
 
+def piece_of(other: Cutout, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A random window of ``other``'s item (a third to all of its box's shorter side, the
+    whole frame where no board was found), enlarged to ``width`` x ``height``; float32
+    HxWx3."""
+    left, top, right, bottom = item_box(other.alpha) if other.found else (0, 0, *other.size)
+    side = rng.uniform(1 / 3, 1.0) * min(right - left, bottom - top)
+    x = rng.uniform(left, max(left, right - side))
+    y = rng.uniform(top, max(top, bottom - side))
+    window = Image.fromarray(other.image).crop((x, y, x + side, y + side * height / width))
+    piece = np.asarray(window.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    return piece[:, ::-1] if rng.random() < 0.5 else piece
+
+
 def replace_background(
-    cut: Cutout, rng: np.random.Generator, placement: Placement = DEFAULT_PLACEMENT
+    cut: Cutout,
+    rng: np.random.Generator,
+    placement: Placement = DEFAULT_PLACEMENT,
+    others: Callable[[np.random.Generator], Cutout] | None = None,
 ) -> np.ndarray:
-    """The item on a random backdrop, placed as ``placement`` says; uint8 HxWx3."""
+    """The item on a random backdrop, placed as ``placement`` says; uint8 HxWx3. ``others``
+    draws another item for the ``placement.other_items`` share of backdrops (:func:`piece_of`)."""
     width, height = cut.size
+    if others is not None and rng.random() < placement.other_items:
+        backdrop = piece_of(others(rng), rng, width, height)
+    else:
+        backdrop = random_backdrop(rng, width, height)
     scale = float(rng.uniform(placement.smallest_scale, 1.0))
     margin_x, margin_y = width * scale / 2, height * scale / 2
     centre = (
         float(rng.uniform(min(margin_x, width / 2), max(width - margin_x, width / 2))),
         float(rng.uniform(min(margin_y, height / 2), max(height - margin_y, height / 2))),
     )
-    photo = composite(cut, random_backdrop(rng, width, height), scale, centre)
+    photo = composite(cut, backdrop, scale, centre)
     if rng.random() < placement.occlusion:
         photo = occlude(photo, _placed_box(cut, scale, centre), rng)
     return photo

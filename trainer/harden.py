@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.placement.occlusion,
         help="share of the placed items partly covered by a blob of another backdrop",
     )
+    parser.add_argument(
+        "--other-items",
+        type=float,
+        default=defaults.placement.other_items,
+        help="share of the backdrops that are a piece of another training item",
+    )
     parser.add_argument("--steps", type=int, default=defaults.top.steps)
     parser.add_argument("--distill-weight", type=float, default=defaults.top.distill_weight)
     parser.add_argument("--keep-base", type=float, default=defaults.top.keep_base)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         seed=args.seed,
     )
-    placement = Placement(args.smallest_scale, args.occlusion)
+    placement = Placement(args.smallest_scale, args.occlusion, args.other_items)
     config = replace(
         defaults, views=args.views, backgrounds=args.backgrounds, placement=placement, top=top
     )

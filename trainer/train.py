@@ -39,6 +39,7 @@ from trainer.backgrounds import (
     replace_background,
 )
 from trainer.config import ConfigError, TrainConfig, add_arguments
+from trainer.cutout import Cutout
 from trainer.data import SPLITS, Sample, first_per_class, load_source, make_split_manifest, select
 from trainer.distill import Teachers, distillation_loss, load_checkpoint
 from trainer.distributed import Ranks
@@ -110,11 +111,16 @@ class TrainImages(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
         if self.cutouts is not None and rng.random() < self.backgrounds:
             cut = self.cutouts.cutout(index, _hwc(image))
-            image = _chw(replace_background(cut, rng, self.placement))
+            image = _chw(replace_background(cut, rng, self.placement, self._other_item))
         image = self.transform(image)
         if self.photometric is not None:
             image = _chw(self.photometric(_hwc(image), rng))
         return image.float(), self.labels[index]
+
+    def _other_item(self, rng: np.random.Generator) -> Cutout:
+        assert self.cutouts is not None
+        index = int(rng.integers(len(self.images)))
+        return self.cutouts.cutout(index, _hwc(self.images[index]))
 
 
 def _hwc(image: torch.Tensor) -> np.ndarray:

@@ -24,6 +24,7 @@ from trainer.backgrounds import (
     random_backdrop,
     replace_background,
 )
+from trainer.cutout import Cutout
 from trainer.data import Sample
 from trainer.train import TrainImages, parse_args, run
 
@@ -81,6 +82,31 @@ def test_a_placement_can_put_the_item_further_away_and_partly_covered() -> None:
     for seed in range(8):
         out = replace_background(cut, np.random.default_rng(seed), covered)
         assert 0.55 * red < reddish(out) < 0.97 * red  # part of the item hidden, most kept
+
+
+def test_the_backdrop_can_be_a_piece_of_another_item() -> None:
+    photo = red_item_on_board()
+    cut = Cutouts.of([photo]).cutout(0, photo)
+    # Another item filling its frame (no board found): green with a grain.
+    grain = np.random.default_rng(1).integers(-12, 13, (240, 320, 1))
+    green = np.clip(np.array([40, 150, 60]) + grain, 0, 255).astype(np.uint8)
+    other = Cutout(green, np.ones((240, 320), np.float32), found=False)
+    board = np.ones(photo.shape[:2], dtype=bool)
+    board[30:-30, 30:-30] = False
+
+    def greenish(out: np.ndarray) -> float:
+        distance = np.linalg.norm(out[board].astype(np.float32) - [40, 150, 60], axis=-1)
+        return float((distance < 30).mean())
+
+    def placed(seed: int, share: float) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return replace_background(cut, rng, Placement(other_items=share), lambda _: other)
+
+    for seed in range(6):
+        out = placed(seed, 1.0)
+        assert reddish(out) >= 0.25 * 0.9 * reddish(photo)  # the item is still there
+        assert greenish(out) > 0.9  # and around it, the other item
+        assert greenish(placed(seed, 0.0)) < 0.5  # a backdrop of the trainer's own
 
 
 def test_an_occluder_covers_the_side_of_the_box_it_reaches_in_from() -> None:

@@ -88,6 +88,13 @@ class TrainConfig(BaseModel):
         description="share of training reads on which the item is cut off its white board and "
         "put on a random backdrop (trainer/backgrounds.py); 0 turns it off",
     )
+    other_items: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="with --backgrounds: share of the backdrops that are a piece of another "
+        "training item (a bin's floor is mostly other waste) instead of a drawn one",
+    )
     photometric: Literal["camera", "strong"] = Field(
         "camera",
         description="augmentation of light and colour: camera (jitter, greyscale, blur), or "

@@ -394,7 +394,8 @@ def train_loader(
     """Shuffled batches of augmented training photos; among several processes, each takes its
     own share of every epoch (a ``DistributedSampler`` seeded alike on all of them, padded so
     that every process has as many batches)."""
-    images = TrainImages(samples, size, config.backgrounds, config.photometric)
+    placement = Placement(other_items=config.other_items)
+    images = TrainImages(samples, size, config.backgrounds, config.photometric, placement)
     sampler: DistributedSampler[tuple[torch.Tensor, int]] | None = None
     if ranks is not None and ranks.distributed:
         sampler = DistributedSampler(

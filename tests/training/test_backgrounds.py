@@ -152,13 +152,15 @@ def test_strong_photometric_steps_change_the_photo_and_none_leaves_it() -> None:
 def test_a_run_trains_on_backdrops_and_frozen_batch_norm_keeps_its_statistics(
     tmp_path: Path, freeze: bool
 ) -> None:
-    extra = ["--backgrounds", "0.8", "--photometric", "strong", "--ema-decay", "0"]
+    extra = ["--backgrounds", "0.8", "--other-items", "0.5", "--photometric", "strong"]
+    extra += ["--ema-decay", "0"]
     if freeze:
         extra.append("--freeze-batchnorm")
     config = parse_args(tiny_train_args(PHOTOS, tmp_path, "run", *extra))
     checkpoint = torch.load(run(config), map_location="cpu", weights_only=True)
     recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
     assert recorded["backgrounds"] == 0.8 and recorded["photometric"] == "strong"
+    assert recorded["other_items"] == 0.5
     # A fresh model's batch norm starts at mean 0: frozen, it stays there.
     means = [v for k, v in checkpoint["state_dict"].items() if k.endswith("running_mean")]
     moved = max(float(m.abs().max()) for m in means)

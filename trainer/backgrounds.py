@@ -176,10 +176,13 @@ def piece_of(other: Cutout, rng: np.random.Generator, width: int, height: int) -
     whole frame where no board was found), enlarged to ``width`` x ``height``; float32
     HxWx3."""
     left, top, right, bottom = item_box(other.alpha) if other.found else (0, 0, *other.size)
-    side = rng.uniform(1 / 3, 1.0) * min(right - left, bottom - top)
+    # The window takes the frame's shape; a tall frame's window is narrowed to stay inside the
+    # box, as PIL would fill the rest of a crop beyond the photo with black.
+    aspect = height / width
+    side = rng.uniform(1 / 3, 1.0) * min(right - left, bottom - top, (bottom - top) / aspect)
     x = rng.uniform(left, max(left, right - side))
-    y = rng.uniform(top, max(top, bottom - side))
-    window = Image.fromarray(other.image).crop((x, y, x + side, y + side * height / width))
+    y = rng.uniform(top, max(top, bottom - max(side, side * aspect)))
+    window = Image.fromarray(other.image).crop((x, y, x + side, y + side * aspect))
     piece = np.asarray(window.resize((width, height), Image.Resampling.BILINEAR), np.float32)
     return piece[:, ::-1] if rng.random() < 0.5 else piece
 

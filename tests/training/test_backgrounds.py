@@ -21,6 +21,7 @@ from trainer.backgrounds import (
     Photometric,
     Placement,
     occlude,
+    piece_of,
     random_backdrop,
     replace_background,
 )
@@ -107,6 +108,14 @@ def test_the_backdrop_can_be_a_piece_of_another_item() -> None:
         assert reddish(out) >= 0.25 * 0.9 * reddish(photo)  # the item is still there
         assert greenish(out) > 0.9  # and around it, the other item
         assert greenish(placed(seed, 0.0)) < 0.5  # a backdrop of the trainer's own
+    # A tall photo's backdrop, from a wide one: the window stays inside the other photo.
+    tall = red_item_on_board(240, 320)
+    tall_cut = Cutouts.of([tall]).cutout(0, tall)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        piece = piece_of(other, rng, *tall_cut.size)
+        assert piece.shape == (320, 240, 3)
+        assert (piece.sum(axis=-1) < 30).mean() == 0  # no black beyond the other photo
 
 
 def test_an_occluder_covers_the_side_of_the_box_it_reaches_in_from() -> None:

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # smartbin.signing.manifest_digest of edge_service/default_bundle. Replacing the shipped bundle
 # means updating this (tests/edge/test_bundle_signing.py says so, with the new value).
-SHIPPED_MANIFEST_SHA256 = "2c6d90039c72885f002c9bd9828d8f6f8807921514973c46d920e5f18ef21540"
+SHIPPED_MANIFEST_SHA256 = "ac7d14f9e280f8b001c5e9a4b6b934879df1c4fba4c4dd72b8b3afd8a2c5a379"
 
 
 class BundleTrust:

@@ -54,7 +54,8 @@ class HardenConfig:
     views: int = 4  # the photo as it is, then views - 1 augmented copies
     backgrounds: float = 0.7  # share of the augmented copies put on a random backdrop
     placement: Placement = Placement()
-    # keep_base 0.6: the share chosen on val (docs/models.md), the shipped default's.
+    # keep_base 0.6: the share chosen on val for one run (docs/models.md); the shipped default
+    # averages five runs instead (`make release`).
     top: AdaptConfig = AdaptConfig(steps=600, keep_base=0.6)
     batch_size: int = 32  # views through the frozen blocks at a time
 

@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPOSITORY / "edge_service" / "default_bundle"
 DEFAULT_FLOAT_TWIN = REPOSITORY / "tests" / "data" / "default_float32.tflite"
-FLOAT_TWIN_SHA256 = "2c45f62a2d312c29b88aac41640968f8de703648ed151892c3e6185054ed7c28"
+FLOAT_TWIN_SHA256 = "9cc49f9fb2fda293ae8e040791551d1f891daf703ebc9e8669604a5fc427afa0"
 # sha256 of the rebuilt state dict (state_dict_sha256), from the twin above.
-RECOVERED_STATE_SHA256 = "e83c138eb11955939d4263c9fde5b4c34e656375317270e5d538e41306ce1387"
+RECOVERED_STATE_SHA256 = "1873a8767f1dd35923dea1a5437446f082b860c5deab59e78892baa9bbed6e32"
 CHECKPOINT_NAME = "default_recovered.pt"
 
 # TFLite kernels, (out, kh, kw, in) and depthwise (1, kh, kw, channels), to PyTorch's layout.

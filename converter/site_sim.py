@@ -310,7 +310,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="TrashNet, a folder per category")
+    parser.add_argument("--data", help="TrashNet, a folder per category (to measure)")
     parser.add_argument("--out", type=Path, default=Path("runs/site-sim"))
     parser.add_argument("--sites", nargs="+", default=list(SITES)[:2], choices=list(SITES))
     parser.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(merged, args.out / "site-adaptation.png")
         return
+    if args.data is None:
+        parser.error("--data is required to measure (only --results needs none)")
     config = AdaptConfig(
         steps=args.steps,
         views=args.views,

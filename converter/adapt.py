@@ -179,7 +179,8 @@ def build_bundle(
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "bundle"
         bundle = write_bundle(staging, int8_model, adapted.labels, spec, version, "int8", arch)
-        sides = {"site": site_samples, **({"replay": replay} if replay else {})}
+        sides = {"site": site_samples, "replay": replay}
+        sides = {side: samples for side, samples in sides.items() if samples}
         report = measure(model, TFLiteClassifier(bundle), sides, adapted.labels)
         report["model_bytes"] = {"float32": len(float_model), "int8": len(int8_model)}
         for kind in ("float", "int8"):
@@ -202,7 +203,7 @@ def build_bundle(
             source=source,
             adaptation=record,
         )
-        write_report(staging, report, adapted.labels, side="site")
+        write_report(staging, report, adapted.labels, side=next(iter(sides)))
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(staging, out)
@@ -342,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     except (SiteError, BundleError, FileNotFoundError) as err:
         sys.exit(f"smartbin-adapt: {err}")
     for kind in ("float", "int8"):
-        print(f"{kind:>6}: site photos {report[kind]['site']['accuracy']:.2%}")
+        sides = [side for side in ("site", "replay") if side in report[kind]]
+        figures = ", ".join(f"{side} photos {report[kind][side]['accuracy']:.2%}" for side in sides)
+        print(f"{kind:>6}: {figures}")
     print(f"bundle: {args.out} in {time.time() - started:.0f} s")
 
 

@@ -21,7 +21,8 @@ and keeps what the site cannot show:
   cut off its white board and put on them (:func:`on_backdrops`), so every base category is
   also seen on the site's own floor, light and lens, many more times than the few labelled
   site photos show it; the items take the site's light, as its labelled photos show it
-  (:func:`trainer.light.site_light`).
+  (:func:`trainer.light.site_light`). With replay they alone (no labelled photo yet) are
+  enough to start: the items are then learnt on the floor in their own light.
 
 The folder of site photos has one sub-folder per category (a ``smartbin-collect`` folder);
 files that are not images (sidecar ``.json``) are ignored, and so is the "not an item" folder
@@ -113,10 +114,12 @@ def site_fingerprint(files: Sequence[tuple[str, bytes]]) -> str:
 def load_site(root: Path, keep: Sequence[str] = ()) -> SitePhotos:
     """The labelled photos of a site folder (one sub-folder per category). Folders whose names
     start with a dot (:data:`NOT_AN_ITEM`) are skipped unless named in ``keep``, and learnt
-    then under their name without the dot.
+    then under their name without the dot. A folder with photos of the empty scene only gives
+    no labelled photo; its fingerprint is then theirs.
 
     Raises:
-        SiteError: the folder is missing or holds no photo in any category folder.
+        SiteError: the folder is missing or holds no photo in any category folder nor of the
+            empty scene.
     """
     if not root.is_dir():
         raise SiteError(
@@ -141,11 +144,23 @@ def load_site(root: Path, keep: Sequence[str] = ()) -> SitePhotos:
             files.append((relative, data))
             samples.append(Sample(relative, len(labels) - 1, data))
     if not samples:
+        # Photos of the empty scene alone still adapt the model to the floor (the replay items
+        # are put on it); they are then what the fingerprint covers.
+        files = [] if NOT_AN_ITEM in keep else _photo_files(root, root / NOT_AN_ITEM)
+    if not files:
         raise SiteError(
             f"{root} holds no labelled photos: put each label's photos (.jpg, .png, ...) in a "
-            "sub-folder named after the label"
+            f"sub-folder named after the label, or photos of the empty scene in {NOT_AN_ITEM}"
         )
     return SitePhotos(root, labels, samples, site_fingerprint(files), skipped)
+
+
+def _photo_files(root: Path, folder: Path) -> list[tuple[str, bytes]]:
+    """``folder``'s images as (path relative to ``root``, bytes)."""
+    if not folder.is_dir():
+        return []
+    photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in photos]
 
 
 def load_backdrops(root: Path, folder: str = NOT_AN_ITEM) -> list[bytes]:
@@ -535,9 +550,18 @@ def adapt(
     _blocks(base)  # refuse an unsupported architecture before any work
     if bank is None:
         bank = FeatureBank(base, spec, config.train_from_block, device)
-    site_features = bank.features(site_samples, config.views, config.seed)
-    site_targets = torch.tensor([s.label for s in site_samples]).repeat_interleave(config.views)
-    features, targets = [site_features], [site_targets]
+    if not site_samples and not (replay and backdrops):
+        raise SiteError(
+            f"{site.root} holds photos of the empty scene only: adapting to it takes replay "
+            "photos to put on it (--replay)"
+        )
+    site_targets = torch.tensor([s.label for s in site_samples], dtype=torch.long)
+    site_targets = site_targets.repeat_interleave(config.views)
+    features: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    if site_samples:  # none when only the empty scene was photographed
+        site_features = bank.features(site_samples, config.views, config.seed)
+        features, targets = [site_features], [site_targets]
     if replay:
         replay_features = bank.features(replay, config.replay_views, config.seed)
         features.append(replay_features)
@@ -545,7 +569,7 @@ def adapt(
             torch.tensor([s.label for s in replay]).repeat_interleave(config.replay_views)
         )
     light = None
-    if replay and backdrops and config.backdrop_views and config.match_light:
+    if site_samples and replay and backdrops and config.backdrop_views and config.match_light:
         light = site_light(site_samples, backdrops, replay)
         logger.info("the site's light on the replay items: %s", light)
     composed = on_backdrops(replay, backdrops, config.backdrop_views, config.seed, light)

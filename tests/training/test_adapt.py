@@ -273,3 +273,36 @@ def test_hardening_retrains_the_last_blocks_and_keeps_the_early_ones(
     head = "backbone.classifier.weight"
     assert not torch.equal(before[head], after[head])
     build_from_checkpoint(hardened)  # a model smartbin-convert can load
+
+
+def test_photos_of_the_empty_scene_alone_adapt_the_model_to_it(tmp_path: Path) -> None:
+    """Before anyone labels a photo, the bin's empty floor is enough: the replay items are put
+    on it, every base label is kept, and the bundle records the floor photos' fingerprint."""
+    floor = tmp_path / "site"
+    (floor / NOT_AN_ITEM).mkdir(parents=True)
+    (floor / NOT_AN_ITEM / "empty.jpg").write_bytes(_solid_jpeg((120, 80, 40)))
+    site = load_site(floor)
+    assert (
+        site.samples == [] and site.fingerprint != load_site(make_site(tmp_path / "s")).fingerprint
+    )
+    out = tmp_path / "bundle"
+    main(
+        ["--data", str(floor), "--out", str(out), "--replay", str(PHOTOS)]
+        + ["--replay-per-label", "1", "--steps", "2", "--views", "2", "--calibration-images", "8"]
+    )
+    bundle = load_bundle(out)
+    base = load_bundle(recover.DEFAULT_BUNDLE)
+    assert bundle.labels == base.labels
+    record = bundle.manifest.adaptation
+    assert record is not None and record.site_fingerprint == site.fingerprint
+    assert record.missing_labels == tuple(base.labels) and record.kept_by == "replay"
+    assert bundle.manifest.source["backdrop_photos"] == 2 * len(base.labels)
+
+
+def test_the_empty_scene_alone_without_replay_says_what_to_add(tmp_path: Path) -> None:
+    floor = tmp_path / "site"
+    (floor / NOT_AN_ITEM).mkdir(parents=True)
+    (floor / NOT_AN_ITEM / "empty.jpg").write_bytes(_solid_jpeg((120, 80, 40)))
+    with pytest.raises(SystemExit, match="empty scene only.*--replay"):
+        main(["--data", str(floor), "--out", str(tmp_path / "bundle")])
+    assert not (tmp_path / "bundle").exists()

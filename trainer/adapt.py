@@ -550,10 +550,10 @@ def adapt(
     _blocks(base)  # refuse an unsupported architecture before any work
     if bank is None:
         bank = FeatureBank(base, spec, config.train_from_block, device)
-    if not site_samples and not (replay and backdrops):
+    if not site_samples and not (replay and backdrops and config.backdrop_views):
         raise SiteError(
             f"{site.root} holds photos of the empty scene only: adapting to it takes replay "
-            "photos to put on it (--replay)"
+            "photos to put on it (--replay, with --backdrop-views above 0)"
         )
     site_targets = torch.tensor([s.label for s in site_samples], dtype=torch.long)
     site_targets = site_targets.repeat_interleave(config.views)

@@ -305,4 +305,9 @@ def test_the_empty_scene_alone_without_replay_says_what_to_add(tmp_path: Path) -
     (floor / NOT_AN_ITEM / "empty.jpg").write_bytes(_solid_jpeg((120, 80, 40)))
     with pytest.raises(SystemExit, match="empty scene only.*--replay"):
         main(["--data", str(floor), "--out", str(tmp_path / "bundle")])
+    with pytest.raises(SystemExit, match="empty scene only.*--backdrop-views above 0"):
+        main(
+            ["--data", str(floor), "--out", str(tmp_path / "bundle"), "--replay", str(PHOTOS)]
+            + ["--replay-per-label", "1", "--backdrop-views", "0"]
+        )
     assert not (tmp_path / "bundle").exists()

@@ -133,16 +133,13 @@ def load_site(root: Path, keep: Sequence[str] = ()) -> SitePhotos:
     for folder in folders:
         if folder.name in skipped:
             continue
-        photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        photos = _photo_files(root, folder)
         if not photos:
             logger.warning("%s holds no photos: its label is treated as missing", folder)
             continue
         labels.append(folder.name.lstrip("."))
-        for path in photos:
-            relative = str(path.relative_to(root))
-            data = path.read_bytes()
-            files.append((relative, data))
-            samples.append(Sample(relative, len(labels) - 1, data))
+        files += photos
+        samples += [Sample(relative, len(labels) - 1, data) for relative, data in photos]
     if not samples:
         # Photos of the empty scene alone still adapt the model to the floor (the replay items
         # are put on it); they are then what the fingerprint covers.
@@ -165,10 +162,7 @@ def _photo_files(root: Path, folder: Path) -> list[tuple[str, bytes]]:
 
 def load_backdrops(root: Path, folder: str = NOT_AN_ITEM) -> list[bytes]:
     """The photos of ``root/folder`` (the empty scene: what the bin filed as not an item)."""
-    where = root / folder
-    if not where.is_dir():
-        return []
-    return [p.read_bytes() for p in sorted(where.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return [data for _, data in _photo_files(root, root / folder)]
 
 
 def on_backdrops(
@@ -544,17 +538,17 @@ def adapt(
     added = labels[len(base_labels) :]
     missing = [name for name in base_labels if name not in site.labels]
     site_samples = relabel(site.samples, site.labels, labels)
+    if not site_samples and not (replay and backdrops and config.backdrop_views):
+        raise SiteError(
+            f"{site.root} holds photos of the empty scene only: adapting to it takes replay "
+            "photos to put on it (--replay, with --backdrop-views above 0)"
+        )
     spec = Preprocessing.from_dict(base_checkpoint["preprocessing"])
 
     base = build_from_checkpoint(base_checkpoint).to(device).to(memory_format=torch.channels_last)
     _blocks(base)  # refuse an unsupported architecture before any work
     if bank is None:
         bank = FeatureBank(base, spec, config.train_from_block, device)
-    if not site_samples and not (replay and backdrops and config.backdrop_views):
-        raise SiteError(
-            f"{site.root} holds photos of the empty scene only: adapting to it takes replay "
-            "photos to put on it (--replay, with --backdrop-views above 0)"
-        )
     site_targets = torch.tensor([s.label for s in site_samples], dtype=torch.long)
     site_targets = site_targets.repeat_interleave(config.views)
     features: list[torch.Tensor] = []

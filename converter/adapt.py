@@ -298,6 +298,12 @@ def main(argv: list[str] | None = None) -> None:
         help="blocks before this one stay frozen",
     )
     parser.add_argument(
+        "--body-lr",
+        type=float,
+        default=defaults.body_lr,
+        help=f"peak learning rate of the blocks that learn (the head's: {defaults.lr:g})",
+    )
+    parser.add_argument(
         "--keep-folder",
         action="append",
         default=[],
@@ -319,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         match_light=not args.no_match_light,
         keep_base=args.keep_base,
         train_from_block=args.train_from_block,
+        body_lr=args.body_lr,
         device=args.device,
         seed=args.seed,
     )

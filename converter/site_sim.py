@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=AdaptConfig.steps)
     parser.add_argument("--views", type=int, default=AdaptConfig.views)
     parser.add_argument("--train-from-block", type=int, default=AdaptConfig.train_from_block)
+    parser.add_argument("--body-lr", type=float, default=AdaptConfig.body_lr)
     parser.add_argument("--keep-base", type=float, default=AdaptConfig.keep_base)
     parser.add_argument(
         "--no-replay-distill",
@@ -364,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         views=args.views,
         train_from_block=args.train_from_block,
+        body_lr=args.body_lr,
         keep_base=args.keep_base,
         replay_distill=not args.no_replay_distill,
         match_light=not args.no_match_light,

@@ -1,16 +1,18 @@
 """Adapting a trained model to one bin's scene: a few dozen labelled photos of its own floor.
 
 A bin's camera sees one scene (its floor, light and lens), unlike the white board of the photos
-the model learned from. :func:`adapt` fine-tunes the model's last blocks on that site's photos
-and keeps what the site cannot show:
+the model learned from. :func:`adapt` fine-tunes all but the model's first blocks on that
+site's photos and keeps what the site cannot show:
 
-- the early blocks stay frozen (they see edges and textures, which every scene shares; and a few
-  dozen photos cannot retrain them), and every BatchNorm stays in eval mode with its statistics
-  frozen (the shipped default's are folded into its convolutions anyway, ``trainer.recover``);
+- the stem and the first blocks stay frozen (they see edges, which every scene shares; and a
+  few dozen photos cannot retrain them), the rest learns at a small rate (a site's blur,
+  distance and light change what the middle blocks see), and every BatchNorm stays in eval
+  mode with its statistics frozen (the shipped default's are folded into its convolutions
+  anyway, ``trainer.recover``);
 - each photo is seen as ``views`` versions, the edge's own preprocessing of it and camera
   augmentations (``trainer.train.camera_augmentation``); their features at the frozen blocks'
-  output are computed once and the last blocks train on them for ``steps`` updates, so an
-  update costs only the part that learns;
+  output are computed once and the rest trains on them for ``steps`` updates, so an update
+  costs only the part that learns;
 - a category missing from the site is kept by replay (photos of the base model's training side
   mixed in, learning their labels and the base model's answers on them) when replay photos are
   given, and by distillation otherwise: the student learns the base model's answers over the
@@ -73,9 +75,9 @@ class AdaptConfig:
     views: int = 3
     batch_size: int = 32
     lr: float = 1e-3  # the head's peak learning rate
-    body_lr: float = 3e-4  # the trained blocks' peak learning rate
+    body_lr: float = 1e-4  # the trained blocks' peak learning rate
     weight_decay: float = 0.02
-    train_from_block: int = 5  # blocks before this one stay frozen
+    train_from_block: int = 2  # blocks before this one stay frozen
     label_smoothing: float = 0.1
     distill_weight: float = 0.5
     distill_temperature: float = 2.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,20 @@ def test_replay_keeps_missing_labels_with_train_side_photos_only(site: Path) -> 
     adapted = adapt(checkpoint, load_site(site), replay.samples, QUICK)
     assert adapted.kept_by == "replay" and adapted.labels == labels
     assert adapted.checkpoint["state_dict"]["backbone.classifier.weight"].shape[0] == len(labels)
+
+
+def test_adaptation_keeps_the_stem_and_first_blocks_and_trains_the_rest(site: Path) -> None:
+    """What the site teaches lands from ``train_from_block`` on; the edges before it stay."""
+    checkpoint = torch.load(recover.default_checkpoint(), map_location="cpu", weights_only=True)
+    config = replace(QUICK, keep_base=0.0)
+    adapted = adapt(checkpoint, load_site(site), config=config)
+    before, after = checkpoint["state_dict"], adapted.checkpoint["state_dict"]
+    cut = config.train_from_block
+    frozen = ("backbone.conv_stem", *(f"backbone.blocks.{i}." for i in range(cut)))
+    early = [k for k in before if k.startswith(frozen)]
+    assert early and all(torch.equal(before[k], after[k]) for k in early)
+    first_trained = [k for k in before if k.startswith(f"backbone.blocks.{cut}.")]
+    assert any(not torch.equal(before[k], after[k]) for k in first_trained)
 
 
 def _solid_jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (640, 480)) -> bytes:

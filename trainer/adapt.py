@@ -69,7 +69,8 @@ class SiteError(ValueError):
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How the last blocks are fine-tuned (defaults measured in docs/site-adaptation.md)."""
+    """How the blocks from ``train_from_block`` on are fine-tuned (defaults measured in
+    docs/site-adaptation.md)."""
 
     steps: int = 100  # optimizer updates, whatever the photo count
     views: int = 3

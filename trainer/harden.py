@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.top.train_from_block,
         help="the first block that learns; the ones before stay frozen",
     )
+    parser.add_argument(
+        "--body-lr",
+        type=float,
+        default=defaults.top.body_lr,
+        help="the learning blocks' peak learning rate (the head's is higher)",
+    )
     parser.add_argument("--limit-per-class", type=int, help="a quick run on fewer photos")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         distill_weight=args.distill_weight,
         keep_base=args.keep_base,
         train_from_block=args.train_from_block,
+        body_lr=args.body_lr,
         device=args.device,
         seed=args.seed,
     )

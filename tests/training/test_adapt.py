@@ -290,6 +290,26 @@ def test_hardening_retrains_the_last_blocks_and_keeps_the_early_ones(
     build_from_checkpoint(hardened)  # a model smartbin-convert can load
 
 
+def test_hardening_at_body_lr_zero_trains_the_head_only(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """--body-lr sets the learning blocks' rate apart from the head's: at 0 the blocks from
+    --train-from-block on keep their weights while the head still learns."""
+    start_path = tiny_checkpoint(tiny_bundle)
+    out = tmp_path / "hardened.pt"
+    harden_main(
+        [str(start_path), "--data", str(tiny_data), "--out", str(out), "--device", "cpu"]
+        + ["--views", "2", "--steps", "3", "--keep-base", "0", "--train-from-block", "2"]
+        + ["--body-lr", "0"]
+    )
+    before = torch.load(start_path, map_location="cpu", weights_only=True)["state_dict"]
+    after = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    blocks = [k for k in before if k.startswith("backbone.blocks.")]
+    assert blocks and all(torch.equal(before[k], after[k]) for k in blocks)
+    head = "backbone.classifier.weight"
+    assert not torch.equal(before[head], after[head])
+
+
 def test_photos_of_the_empty_scene_alone_adapt_the_model_to_it(tmp_path: Path) -> None:
     """Before anyone labels a photo, the bin's empty floor is enough: the replay items are put
     on it, every base label is kept, and the bundle records the floor photos' fingerprint."""

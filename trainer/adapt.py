@@ -87,6 +87,7 @@ class AdaptConfig:
     backdrop_views: int = 2  # each replay item on this many empty-scene photos (0: none)
     match_light: bool = True  # the items put there take the site's light (trainer.light)
     keep_base: float = 0.5  # the adapted weights are moved this share back toward the base's
+    cutmix: float = 0.0  # share of the batches cut-mixed at the frozen blocks' output (0: none)
     seed: int = 0
     device: str = "auto"
 
@@ -407,23 +408,51 @@ def _batch_loss(
     config: AdaptConfig,
     device: torch.device,
     base_label_count: int,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, int]:
     """The loss of one batch and how many of its answers were right."""
     features = data.features[index].to(device).float()
-    features = features.contiguous(memory_format=torch.channels_last)
     targets = data.labels[index].to(device)
+    partner, kept = torch.arange(len(index)), 1.0
+    if config.cutmix and float(torch.rand(1, generator=generator)) < config.cutmix:
+        features, partner, kept = cut_mix(features, generator)
+    features = features.contiguous(memory_format=torch.channels_last)
     logits = top_logits(model, features, config.train_from_block)
-    loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+    loss = kept * F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+    if kept < 1:
+        loss = loss + (1 - kept) * F.cross_entropy(
+            logits, targets[partner], label_smoothing=config.label_smoothing
+        )
     if data.teacher is not None and data.distilled is not None:
-        rows = data.distilled[index].to(device)
+        distilled = data.distilled[index]
+        rows = (distilled & distilled[partner]).to(device)
         if rows.any():
-            taught = data.teacher[index].to(device)[rows]
+            teacher = data.teacher[index]
+            taught = (kept * teacher + (1 - kept) * teacher[partner]).to(device)[rows]
             soft = distillation_loss(
                 logits[rows, :base_label_count], taught, config.distill_temperature
             )
             share = rows.float().mean()
             loss = (1 - config.distill_weight) * loss + config.distill_weight * share * soft
     return loss, int((logits.argmax(1) == targets).sum())
+
+
+def cut_mix(
+    features: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix on feature maps: a box of each row's map is replaced by the same box of another
+    row's. Returns the mixed maps, which row each took its box from, and the share of the maps
+    left as they were (the weight of each row's own label; the partner's gets the rest)."""
+    height, width = features.shape[-2:]
+    side = math.sqrt(1 - float(torch.rand(1, generator=generator)))  # box area ~ uniform(0, 1)
+    box_h, box_w = round(height * side), round(width * side)
+    top = int(torch.randint(0, height - box_h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - box_w + 1, (1,), generator=generator))
+    partner = torch.randperm(len(features), generator=generator)
+    mixed = features.clone()
+    window = (..., slice(top, top + box_h), slice(left, left + box_w))
+    mixed[window] = features[partner][window]
+    return mixed, partner, 1 - box_h * box_w / (height * width)
 
 
 def train_top(
@@ -454,7 +483,9 @@ def train_top(
             if done == total:
                 break
             index = order[start : start + config.batch_size]
-            loss, right = _batch_loss(model, data, index, config, device, base_label_count)
+            loss, right = _batch_loss(
+                model, data, index, config, device, base_label_count, generator
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

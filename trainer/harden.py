@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.top.body_lr,
         help="the learning blocks' peak learning rate (the head's is higher)",
     )
+    parser.add_argument(
+        "--cutmix",
+        type=float,
+        default=defaults.top.cutmix,
+        help="share of the batches cut-mixed (a box of one photo's features put on another's)",
+    )
     parser.add_argument("--limit-per-class", type=int, help="a quick run on fewer photos")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_base=args.keep_base,
         train_from_block=args.train_from_block,
         body_lr=args.body_lr,
+        cutmix=args.cutmix,
         device=args.device,
         seed=args.seed,
     )

@@ -27,6 +27,7 @@ from trainer.adapt import (
     AdaptConfig,
     SiteError,
     adapt,
+    cut_mix,
     load_backdrops,
     load_site,
     on_backdrops,
@@ -262,6 +263,25 @@ def test_moving_toward_the_base_mixes_shared_weights_and_keeps_new_head_rows() -
     assert adapted["w"].sum() == 6  # the adapted weights themselves are left alone
 
 
+def test_cut_mix_puts_one_box_of_a_partner_on_each_map_and_weighs_the_labels_by_area() -> None:
+    """The loss weighs each row's label by the share of its map left as it was: that share
+    must be what the box left, in every channel, and the box must come from the partner."""
+    features = torch.arange(1.0, 9.0).view(8, 1, 1, 1).expand(8, 3, 10, 10).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    boxes = set()
+    for _ in range(10):
+        mixed, partner, kept = cut_mix(features, generator)
+        for row in range(8):
+            own = mixed[row] == features[row]
+            assert torch.equal(own, own[:1].expand_as(own))  # the same box in every channel
+            if int(partner[row]) != row:
+                assert float(own[0].float().mean()) == pytest.approx(kept)
+                assert torch.equal(mixed[row][~own], features[int(partner[row])][~own])
+        boxes.add(kept)
+    assert len(boxes) > 1  # boxes of many sizes, not one
+    assert torch.equal(features[:, 0, 0, 0], torch.arange(1.0, 9.0))  # the input is left alone
+
+
 def test_hardening_retrains_the_last_blocks_and_keeps_the_early_ones(
     tiny_bundle: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -294,13 +314,14 @@ def test_hardening_at_body_lr_zero_trains_the_head_only(
     tiny_bundle: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     """--body-lr sets the learning blocks' rate apart from the head's: at 0 the blocks from
-    --train-from-block on keep their weights while the head still learns."""
+    --train-from-block on keep their weights while the head still learns (here on cut-mixed
+    batches only, --cutmix 1)."""
     start_path = tiny_checkpoint(tiny_bundle)
     out = tmp_path / "hardened.pt"
     harden_main(
         [str(start_path), "--data", str(tiny_data), "--out", str(out), "--device", "cpu"]
         + ["--views", "2", "--steps", "3", "--keep-base", "0", "--train-from-block", "2"]
-        + ["--body-lr", "0"]
+        + ["--body-lr", "0", "--cutmix", "1"]
     )
     before = torch.load(start_path, map_location="cpu", weights_only=True)["state_dict"]
     after = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]

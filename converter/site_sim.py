@@ -328,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--body-lr", type=float, default=AdaptConfig.body_lr)
     parser.add_argument("--keep-base", type=float, default=AdaptConfig.keep_base)
     parser.add_argument(
+        "--cutmix",
+        type=float,
+        default=AdaptConfig.cutmix,
+        help="share of the batches cut-mixed at the frozen blocks' output",
+    )
+    parser.add_argument(
         "--no-replay-distill",
         action="store_true",
         help="replay photos learn their labels only, not the base model's answers too",
@@ -367,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         train_from_block=args.train_from_block,
         body_lr=args.body_lr,
         keep_base=args.keep_base,
+        cutmix=args.cutmix,
         replay_distill=not args.no_replay_distill,
         match_light=not args.no_match_light,
     )

@@ -315,20 +315,25 @@ def test_hardening_at_body_lr_zero_trains_the_head_only(
 ) -> None:
     """--body-lr sets the learning blocks' rate apart from the head's: at 0 the blocks from
     --train-from-block on keep their weights while the head still learns (here on cut-mixed
-    batches only, --cutmix 1)."""
+    batches only, --cutmix 1, which the head learns differently from the same run unmixed)."""
     start_path = tiny_checkpoint(tiny_bundle)
-    out = tmp_path / "hardened.pt"
-    harden_main(
-        [str(start_path), "--data", str(tiny_data), "--out", str(out), "--device", "cpu"]
-        + ["--views", "2", "--steps", "3", "--keep-base", "0", "--train-from-block", "2"]
-        + ["--body-lr", "0", "--cutmix", "1"]
-    )
+
+    def hardened(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        harden_main(
+            [str(start_path), "--data", str(tiny_data), "--out", str(out), "--device", "cpu"]
+            + ["--views", "2", "--steps", "3", "--keep-base", "0", "--train-from-block", "2"]
+            + ["--body-lr", "0", *extra]
+        )
+        return torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+
     before = torch.load(start_path, map_location="cpu", weights_only=True)["state_dict"]
-    after = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    after = hardened("mixed.pt", "--cutmix", "1")
     blocks = [k for k in before if k.startswith("backbone.blocks.")]
     assert blocks and all(torch.equal(before[k], after[k]) for k in blocks)
     head = "backbone.classifier.weight"
     assert not torch.equal(before[head], after[head])
+    assert not torch.equal(hardened("unmixed.pt")[head], after[head])
 
 
 def test_photos_of_the_empty_scene_alone_adapt_the_model_to_it(tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ saw:
 ``granite``   speckles of several sizes and colours on a random base colour
 ============  ====================================================================
 
-A share of the placements (``Placement.other_items``) lands instead on a piece of another
+A share of the placements can land on a photo instead (``Placement.photos``, from
+:class:`BackdropPhotos`: any folder of pictures of floors, walls, ground or empty bins, cropped,
+turned and mirrored at random), and a share (``Placement.other_items``) on a piece of another
 training item, enlarged to fill the frame: a bin's floor is mostly other waste, and a box's
 brown or a bag's crinkle around an item then belongs to no category (on wooden planks the
 default once called most items cardboard: docs/models.md).
@@ -34,11 +36,13 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from trainer.cutout import FRAME_FILLING_SCALE, Cutout, composite, cut_out, item_box, motion_blur
+from trainer.data import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +138,37 @@ def random_backdrop(rng: np.random.Generator, width: int, height: int) -> np.nda
     return backdrop
 
 
+class BackdropPhotos:
+    """Photos to put items on: every picture under a folder, kept as its file's bytes and
+    decoded when drawn."""
+
+    def __init__(self, root: Path) -> None:
+        files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.photos = [f.read_bytes() for f in files]
+        logger.info("%d backdrop photos from %s", len(self.photos), root)
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def draw(self, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+        """A random square-ish window of a random photo (a third to all of its shorter side),
+        turned by a multiple of 90 degrees, mirrored or not, enlarged to ``width`` x
+        ``height``; float32 HxWx3."""
+        with Image.open(io.BytesIO(self.photos[int(rng.integers(len(self.photos)))])) as image:
+            photo = image.convert("RGB")
+        photo = photo.rotate(90 * int(rng.integers(4)), expand=True)
+        side = rng.uniform(1 / 3, 1.0) * min(photo.size)
+        aspect = height / width
+        window_w, window_h = min(side, photo.width), min(side * aspect, photo.height)
+        x = rng.uniform(0, photo.width - window_w)
+        y = rng.uniform(0, photo.height - window_h)
+        window = photo.crop((x, y, x + window_w, y + window_h))
+        backdrop = np.asarray(window.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+        return backdrop[:, ::-1] if rng.random() < 0.5 else backdrop
+
+
 @dataclass(frozen=True)
 class Cutouts:
     """The items of the training photos, cut off their boards once: per photo its alpha as
@@ -166,6 +201,7 @@ class Placement:
     smallest_scale: float = 0.5  # items stay large enough to name
     occlusion: float = 0.0
     other_items: float = 0.0  # share of the backdrops that are a piece of another item
+    photos: float = 0.5  # share of the other backdrops that are backdrop photos, when given
 
 
 DEFAULT_PLACEMENT = Placement()
@@ -192,12 +228,16 @@ def replace_background(
     rng: np.random.Generator,
     placement: Placement = DEFAULT_PLACEMENT,
     others: Callable[[np.random.Generator], Cutout] | None = None,
+    photos: BackdropPhotos | None = None,
 ) -> np.ndarray:
     """The item on a random backdrop, placed as ``placement`` says; uint8 HxWx3. ``others``
-    draws another item for the ``placement.other_items`` share of backdrops (:func:`piece_of`)."""
+    draws another item for the ``placement.other_items`` share of backdrops (:func:`piece_of`),
+    ``photos`` a photo for the ``placement.photos`` share of the rest."""
     width, height = cut.size
     if others is not None and rng.random() < placement.other_items:
         backdrop = piece_of(others(rng), rng, width, height)
+    elif photos is not None and rng.random() < placement.photos:
+        backdrop = photos.draw(rng, width, height)
     else:
         backdrop = random_backdrop(rng, width, height)
     scale = float(rng.uniform(placement.smallest_scale, 1.0))

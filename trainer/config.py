@@ -95,6 +95,18 @@ class TrainConfig(BaseModel):
         description="with --backgrounds: share of the backdrops that are a piece of another "
         "training item (a bin's floor is mostly other waste) instead of a drawn one",
     )
+    backdrop_photos: Path | None = Field(
+        None,
+        description="with --backgrounds: a folder of photos of floors, walls, ground or empty "
+        "bins to put items on (--photos of the backdrops that are not a piece of another item)",
+    )
+    photos: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="with --backdrop-photos: share of the backdrops (those not a piece of "
+        "another item) that are one of those photos instead of a drawn one",
+    )
     photometric: Literal["camera", "strong"] = Field(
         "camera",
         description="augmentation of light and colour: camera (jitter, greyscale, blur), or "
@@ -160,6 +172,10 @@ class TrainConfig(BaseModel):
                 f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs "
                 f"({self.epochs}): the learning rate would never decay"
             )
+        if self.backdrop_photos is not None and not self.backdrop_photos.is_dir():
+            raise ValueError(f"--backdrop-photos {self.backdrop_photos} is not a folder")
+        if self.backdrop_photos is not None and not self.backgrounds:
+            raise ValueError("--backdrop-photos puts items on photos: give --backgrounds too")
         return self
 
     @classmethod

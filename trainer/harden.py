@@ -39,7 +39,7 @@ from trainer.adapt import (
     train_top,
     trunk_features,
 )
-from trainer.backgrounds import Placement
+from trainer.backgrounds import BackdropPhotos, Placement
 from trainer.data import Sample, first_per_class, load_source, make_split_manifest, select
 from trainer.model import PixelClassifier, build_from_checkpoint
 from trainer.train import TrainImages, choose_device
@@ -54,6 +54,7 @@ class HardenConfig:
     views: int = 4  # the photo as it is, then views - 1 augmented copies
     backgrounds: float = 0.7  # share of the augmented copies put on a random backdrop
     placement: Placement = Placement()
+    backdrop_photos: BackdropPhotos | None = None  # photos for placement.photos of backdrops
     # keep_base 0.6: the share chosen on val for one run (docs/models.md); the shipped default
     # averages five runs instead (`make release`). From block 5 at 3e-4, as measured there
     # (smartbin-adapt's own defaults train more of the model).
@@ -87,7 +88,12 @@ def view_features(
     labels = torch.tensor([s.label for s in samples])
     features = [_trunk(model, clean, cut, device, config.batch_size)]
     images = TrainImages(
-        list(samples), spec.input_size, config.backgrounds, "strong", config.placement
+        list(samples),
+        spec.input_size,
+        config.backgrounds,
+        "strong",
+        config.placement,
+        config.backdrop_photos,
     )
     for view in range(1, config.views):
         torch.manual_seed(config.top.seed * 1000 + view)  # TrainImages draws from torch's
@@ -147,6 +153,18 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.placement.other_items,
         help="share of the backdrops that are a piece of another training item",
     )
+    parser.add_argument(
+        "--backdrop-photos",
+        type=Path,
+        help="a folder of photos of floors, walls, ground or empty bins to put items on",
+    )
+    parser.add_argument(
+        "--photos",
+        type=float,
+        default=defaults.placement.photos,
+        help="with --backdrop-photos: share of the backdrops (those not a piece of another "
+        "item) that are one of those photos",
+    )
     parser.add_argument("--steps", type=int, default=defaults.top.steps)
     parser.add_argument("--distill-weight", type=float, default=defaults.top.distill_weight)
     parser.add_argument("--keep-base", type=float, default=defaults.top.keep_base)
@@ -173,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        photos = BackdropPhotos(args.backdrop_photos) if args.backdrop_photos else None
+    except (OSError, ValueError) as err:
+        parser.error(f"--backdrop-photos: {err}")
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     image_set = load_source(args.data)
     split = make_split_manifest(image_set, seed=0)
@@ -195,9 +217,14 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         seed=args.seed,
     )
-    placement = Placement(args.smallest_scale, args.occlusion, args.other_items)
+    placement = Placement(args.smallest_scale, args.occlusion, args.other_items, args.photos)
     config = replace(
-        defaults, views=args.views, backgrounds=args.backgrounds, placement=placement, top=top
+        defaults,
+        views=args.views,
+        backgrounds=args.backgrounds,
+        placement=placement,
+        backdrop_photos=photos,
+        top=top,
     )
     started = time.time()
     hardened = harden(checkpoint, train, config)

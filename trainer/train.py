@@ -33,6 +33,7 @@ from smartbin.preprocessing import Preprocessing, decode_image
 from trainer import distributed
 from trainer.backgrounds import (
     DEFAULT_PLACEMENT,
+    BackdropPhotos,
     Cutouts,
     Photometric,
     Placement,
@@ -87,6 +88,7 @@ class TrainImages(Dataset):
         backgrounds: float = 0.0,
         photometric: str = "camera",
         placement: Placement = DEFAULT_PLACEMENT,
+        backdrop_photos: BackdropPhotos | None = None,
     ) -> None:
         # Decode at about twice the model input: crops stay sharp and memory stays small.
         self.images = [
@@ -99,6 +101,7 @@ class TrainImages(Dataset):
         self.transform = camera_augmentation(size)
         self.backgrounds = backgrounds
         self.placement = placement
+        self.backdrop_photos = backdrop_photos
         self.cutouts = Cutouts.of([_hwc(image) for image in self.images]) if backgrounds else None
         self.photometric = Photometric() if photometric == "strong" else None
 
@@ -111,7 +114,9 @@ class TrainImages(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
         if self.cutouts is not None and rng.random() < self.backgrounds:
             cut = self.cutouts.cutout(index, _hwc(image))
-            image = _chw(replace_background(cut, rng, self.placement, self._other_item))
+            image = _chw(
+                replace_background(cut, rng, self.placement, self._other_item, self.backdrop_photos)
+            )
         image = self.transform(image)
         if self.photometric is not None:
             image = _chw(self.photometric(_hwc(image), rng))
@@ -394,8 +399,9 @@ def train_loader(
     """Shuffled batches of augmented training photos; among several processes, each takes its
     own share of every epoch (a ``DistributedSampler`` seeded alike on all of them, padded so
     that every process has as many batches)."""
-    placement = Placement(other_items=config.other_items)
-    images = TrainImages(samples, size, config.backgrounds, config.photometric, placement)
+    placement = Placement(other_items=config.other_items, photos=config.photos)
+    photos = BackdropPhotos(config.backdrop_photos) if config.backdrop_photos else None
+    images = TrainImages(samples, size, config.backgrounds, config.photometric, placement, photos)
     sampler: DistributedSampler[tuple[torch.Tensor, int]] | None = None
     if ranks is not None and ranks.distributed:
         sampler = DistributedSampler(

@@ -336,6 +336,31 @@ def test_hardening_at_body_lr_zero_trains_the_head_only(
     assert not torch.equal(hardened("unmixed.pt")[head], after[head])
 
 
+def test_hardening_puts_items_on_backdrop_photos_when_given(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--backdrop-photos: the augmented views put items on those photos (so the same seeded
+    run learns otherwise); a folder without photos is refused before any work."""
+    start_path = tiny_checkpoint(tiny_bundle)
+    floors = tmp_path / "floors"
+    floors.mkdir()
+    Image.fromarray(np.full((96, 128, 3), (30, 60, 170), np.uint8)).save(floors / "floor.png")
+
+    def head(name: str, *extra: str) -> torch.Tensor:
+        out = tmp_path / name
+        harden_main(
+            [str(start_path), "--data", str(tiny_data), "--out", str(out), "--device", "cpu"]
+            + ["--views", "2", "--steps", "3", "--keep-base", "0", "--backgrounds", "1", *extra]
+        )
+        state = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+        return state["backbone.classifier.weight"]
+
+    assert not torch.equal(head("drawn.pt"), head("photos.pt", "--backdrop-photos", str(floors)))
+    with pytest.raises(SystemExit):
+        head("none.pt", "--backdrop-photos", str(tmp_path / "empty"))
+    assert "holds no photos" in capsys.readouterr().err
+
+
 def test_photos_of_the_empty_scene_alone_adapt_the_model_to_it(tmp_path: Path) -> None:
     """Before anyone labels a photo, the bin's empty floor is enough: the replay items are put
     on it, every base label is kept, and the bundle records the floor photos' fingerprint."""

@@ -17,6 +17,7 @@ from tiny import TINY_SIZE, tiny_train_args
 from converter.shift_suite import FLOORS
 from trainer.backgrounds import (
     BACKDROPS,
+    BackdropPhotos,
     Cutouts,
     Photometric,
     Placement,
@@ -118,6 +119,42 @@ def test_the_backdrop_can_be_a_piece_of_another_item() -> None:
         assert (piece.sum(axis=-1) < 30).mean() == 0  # no black beyond the other photo
 
 
+def test_the_backdrop_can_be_a_photo_from_a_folder(tmp_path: Path) -> None:
+    # A floor photo of two halves, blue above and grey below, smaller than the frame.
+    floor = np.zeros((150, 200, 3), np.uint8)
+    floor[:75] = [30, 60, 170]
+    floor[75:] = [120, 120, 120]
+    (tmp_path / "floors").mkdir()
+    Image.fromarray(floor).save(tmp_path / "floors" / "hall.png")
+    (tmp_path / "floors" / "notes.txt").write_text("not a photo")
+    photos = BackdropPhotos(tmp_path / "floors")
+    assert len(photos) == 1
+    photo = red_item_on_board()
+    cut = Cutouts.of([photo]).cutout(0, photo)
+    board = np.ones(photo.shape[:2], dtype=bool)
+    board[30:-30, 30:-30] = False
+
+    def from_floor(out: np.ndarray) -> float:
+        pixels = out[board].astype(np.float32)
+        near = [np.linalg.norm(pixels - c, axis=-1) < 25 for c in ([30, 60, 170], [120] * 3)]
+        return float((near[0] | near[1]).mean())
+
+    on_floor = Placement(photos=1.0)
+    for seed in range(6):
+        out = replace_background(cut, np.random.default_rng(seed), on_floor, photos=photos)
+        assert out.shape == photo.shape
+        assert reddish(out) >= 0.25 * 0.9 * reddish(photo)  # the item is still there
+        assert from_floor(out) > 0.9  # and around it, the floor photo enlarged to the frame
+        rng = np.random.default_rng(seed)
+        drawn = replace_background(cut, rng, Placement(photos=0.0), photos=photos)
+        assert from_floor(drawn) < 0.5  # a share of 0: the trainer's own backdrops
+
+
+def test_a_folder_without_photos_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="holds no photos"):
+        BackdropPhotos(tmp_path)
+
+
 def test_an_occluder_covers_the_side_of_the_box_it_reaches_in_from() -> None:
     photo = np.full((200, 200, 3), 128, dtype=np.uint8)
     box = (70.0, 70.0, 130.0, 130.0)
@@ -161,15 +198,18 @@ def test_strong_photometric_steps_change_the_photo_and_none_leaves_it() -> None:
 def test_a_run_trains_on_backdrops_and_frozen_batch_norm_keeps_its_statistics(
     tmp_path: Path, freeze: bool
 ) -> None:
+    floors = tmp_path / "floors"
+    floors.mkdir()
+    Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(floors / "floor.png")
     extra = ["--backgrounds", "0.8", "--other-items", "0.5", "--photometric", "strong"]
-    extra += ["--ema-decay", "0"]
+    extra += ["--backdrop-photos", str(floors), "--ema-decay", "0"]
     if freeze:
         extra.append("--freeze-batchnorm")
     config = parse_args(tiny_train_args(PHOTOS, tmp_path, "run", *extra))
     checkpoint = torch.load(run(config), map_location="cpu", weights_only=True)
     recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
     assert recorded["backgrounds"] == 0.8 and recorded["photometric"] == "strong"
-    assert recorded["other_items"] == 0.5
+    assert recorded["other_items"] == 0.5 and recorded["backdrop_photos"] == str(floors)
     # A fresh model's batch norm starts at mean 0: frozen, it stays there.
     means = [v for k, v in checkpoint["state_dict"].items() if k.endswith("running_mean")]
     moved = max(float(m.abs().max()) for m in means)
@@ -179,3 +219,19 @@ def test_a_run_trains_on_backdrops_and_frozen_batch_norm_keeps_its_statistics(
 def test_a_share_of_backgrounds_outside_0_to_1_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         parse_args(tiny_train_args(PHOTOS, tmp_path, "run", "--backgrounds", "1.5"))
+
+
+def test_backdrop_photos_must_be_a_folder_and_need_backgrounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no-such-folder")
+    with pytest.raises(SystemExit):
+        parse_args(
+            tiny_train_args(
+                PHOTOS, tmp_path, "run", "--backgrounds", "0.5", "--backdrop-photos", missing
+            )
+        )
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(tiny_train_args(PHOTOS, tmp_path, "run", "--backdrop-photos", str(tmp_path)))
+    assert "give --backgrounds too" in capsys.readouterr().err

@@ -146,7 +146,7 @@ class BackdropPhotos:
         files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        self.photos = [f.read_bytes() for f in files]
+        self.photos = [_checked_photo(f) for f in files]
         logger.info("%d backdrop photos from %s", len(self.photos), root)
 
     def __len__(self) -> int:
@@ -167,6 +167,18 @@ class BackdropPhotos:
         window = photo.crop((x, y, x + window_w, y + window_h))
         backdrop = np.asarray(window.resize((width, height), Image.Resampling.BILINEAR), np.float32)
         return backdrop[:, ::-1] if rng.random() < 0.5 else backdrop
+
+
+def _checked_photo(path: Path) -> bytes:
+    """The file's bytes, once PIL has decoded them: a broken photo is named at the start, not
+    an hour into training."""
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, SyntaxError) as err:  # PIL raises SyntaxError for some broken files
+        raise ValueError(f"{path} is not a readable photo: {err}") from err
+    return data
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,13 @@ def test_the_backdrop_can_be_a_photo_from_a_folder(tmp_path: Path) -> None:
         assert from_floor(drawn) < 0.5  # a share of 0: the trainer's own backdrops
 
 
-def test_a_folder_without_photos_is_refused(tmp_path: Path) -> None:
+def test_a_folder_without_photos_or_with_a_broken_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds no photos"):
+        BackdropPhotos(tmp_path)
+    whole = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(whole, "JPEG")
+    (tmp_path / "floor.jpg").write_bytes(whole.getvalue()[:300])  # cut off in the copy
+    with pytest.raises(ValueError, match="floor.jpg is not a readable photo"):
         BackdropPhotos(tmp_path)
 
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from smartbin.preprocessing import Preprocessing, decode_image, prepare
 from trainer.cutout import composite, cut_out, encode
-from trainer.data import IMAGE_SUFFIXES, Sample
+from trainer.data import Sample, photo_paths
 from trainer.distill import distillation_loss
 from trainer.light import site_light
 from trainer.model import PixelClassifier, build_from_checkpoint
@@ -160,8 +160,7 @@ def _photo_files(root: Path, folder: Path) -> list[tuple[str, bytes]]:
     """``folder``'s images as (path relative to ``root``, bytes)."""
     if not folder.is_dir():
         return []
-    photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(str(p.relative_to(root)), p.read_bytes()) for p in photos]
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in photo_paths(folder)]
 
 
 def load_backdrops(root: Path, folder: str = NOT_AN_ITEM) -> list[bytes]:

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from trainer.cutout import FRAME_FILLING_SCALE, Cutout, composite, cut_out, item_box, motion_blur
-from trainer.data import IMAGE_SUFFIXES
+from trainer.data import IMAGE_SUFFIXES, photo_paths
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class BackdropPhotos:
     decoded when drawn."""
 
     def __init__(self, root: Path) -> None:
-        files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = photo_paths(root)
         if not files:
             raise ValueError(f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.photos = [_checked_photo(f) for f in files]

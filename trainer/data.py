@@ -54,13 +54,18 @@ def load_source(source: str) -> ImageSet:
     return _load_hub(source)
 
 
+def photo_paths(folder: Path) -> list[Path]:
+    """Every image under ``folder`` (sub-folders included), in a stable order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _load_folder(root: Path) -> ImageSet:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{root} needs one sub-folder per class (two or more), found {classes}")
     samples: list[Sample] = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = photo_paths(root / name)
         if not files:
             raise ValueError(f"class folder {root / name} holds no images")
         samples.extend(Sample(str(p.relative_to(root)), label, p.read_bytes()) for p in files)

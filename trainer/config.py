@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
+from trainer.data import photo_paths
+
 
 class ConfigError(ValueError):
     """A recipe or flags the config refuses; the message names each key and where it came
@@ -174,6 +176,8 @@ class TrainConfig(BaseModel):
             )
         if self.backdrop_photos is not None and not self.backdrop_photos.is_dir():
             raise ValueError(f"--backdrop-photos {self.backdrop_photos} is not a folder")
+        if self.backdrop_photos is not None and not photo_paths(self.backdrop_photos):
+            raise ValueError(f"--backdrop-photos {self.backdrop_photos} holds no photos")
         if self.backdrop_photos is not None and not self.backgrounds:
             raise ValueError("--backdrop-photos puts items on photos: give --backgrounds too")
         return self

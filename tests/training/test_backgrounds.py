@@ -226,7 +226,7 @@ def test_a_share_of_backgrounds_outside_0_to_1_is_refused(tmp_path: Path) -> Non
         parse_args(tiny_train_args(PHOTOS, tmp_path, "run", "--backgrounds", "1.5"))
 
 
-def test_backdrop_photos_must_be_a_folder_and_need_backgrounds(
+def test_backdrop_photos_must_be_a_folder_of_photos_and_need_backgrounds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = str(tmp_path / "no-such-folder")
@@ -237,6 +237,15 @@ def test_backdrop_photos_must_be_a_folder_and_need_backgrounds(
             )
         )
     assert "is not a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(SystemExit):
-        parse_args(tiny_train_args(PHOTOS, tmp_path, "run", "--backdrop-photos", str(tmp_path)))
+        parse_args(
+            tiny_train_args(
+                PHOTOS, tmp_path, "run", "--backgrounds", "0.5", "--backdrop-photos", str(empty)
+            )
+        )
+    assert "holds no photos" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(tiny_train_args(PHOTOS, tmp_path, "run", "--backdrop-photos", str(PHOTOS)))
     assert "give --backgrounds too" in capsys.readouterr().err

@@ -61,6 +61,12 @@ class TrainConfig(BaseModel):
     patience: int = Field(
         6, ge=1, description="stop after this many epochs without a better val accuracy"
     )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="which epoch's weights the checkpoint keeps: best, the highest val accuracy "
+        "(early stopping by --patience), or last, every epoch run (for a short fine-tune off "
+        "the white board, whose val accuracy on the board falls as it learns other scenes)",
+    )
     max_minutes: float | None = Field(
         None, gt=0, description="stop after the epoch that passes this much training time"
     )

@@ -422,7 +422,8 @@ def train_loader(
 
 @dataclass
 class Best:
-    """The epoch with the best val accuracy so far, and its weights."""
+    """The epoch whose weights the checkpoint keeps (the best val accuracy so far, or the
+    latest with ``--keep last``), its val accuracy and its weights."""
 
     accuracy: float = -1.0
     epoch: int = 0
@@ -459,8 +460,8 @@ def fit(
     log: RunLog,
     config: TrainConfig,
 ) -> Best:
-    """Train up to ``config.epochs``, stopping early on val accuracy or the time limit; the model
-    is left with the best epoch's weights.
+    """Train up to ``config.epochs``, stopping early on val accuracy (with ``keep`` best) or the
+    time limit; the model is left with the kept epoch's weights.
 
     Among several processes the model trains inside DistributedDataParallel at the learning
     rates of ``--lr-scaling``; rank 0's epoch row and time-limit decision are every process's,
@@ -489,7 +490,7 @@ def fit(
         row = _epoch_row(row, evaluated, val, device, epoch, started)
         log.epoch(row)
         logger.info("epoch %d: %s", epoch, {k: float(f"{v:.4g}") for k, v in row.items()})
-        if row["val_accuracy"] > best.accuracy:
+        if row["val_accuracy"] > best.accuracy or config.keep == "last":
             state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
             best = Best(row["val_accuracy"], epoch, state)
         elif epoch - best.epoch >= config.patience:
@@ -653,8 +654,9 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         test_accuracy = reports["test"]["accuracy"]
         log.finish({"best_val_accuracy": best.accuracy, "test_accuracy": test_accuracy})
         logger.info(
-            "best epoch %d: val %.4f, test %.4f -> %s",
+            "kept epoch %d (%s): val %.4f, test %.4f -> %s",
             best.epoch,
+            config.keep,
             best.accuracy,
             test_accuracy,
             checkpoint,

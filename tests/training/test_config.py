@@ -3,15 +3,18 @@ file or flag it came from; flags override the recipe; a run's args.yaml reads ba
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from tiny import tiny_bundle_args
+from helpers import PHOTOS
+from tiny import tiny_bundle_args, tiny_train_args
 
 import trainer
 from trainer.config import ConfigError, TrainConfig
-from trainer.train import parse_args
+from trainer.train import parse_args, run
 
 RECIPES = sorted((Path(trainer.__file__).parent / "recipes").glob("*.yaml"))
 
@@ -125,3 +128,17 @@ def test_a_one_epoch_run_needs_no_warm_up_flag() -> None:
     """The default one-epoch warm-up steps aside in a one-epoch run; an asked-for one does not."""
     assert parse_args(["--data", "photos", "--epochs", "1"]).warmup_epochs == 0
     assert parse_args(["--data", "photos", "--epochs", "3"]).warmup_epochs == 1
+
+
+@pytest.mark.parametrize(("keep", "epochs_run", "kept"), [("best", 2, 1), ("last", 3, 3)])
+def test_keep_chooses_the_epoch_whose_weights_the_checkpoint_holds(
+    tmp_path: Path, keep: str, epochs_run: int, kept: int
+) -> None:
+    # The weights hardly move (learning rate 1e-12, batch norm frozen), so val accuracy is the
+    # same every epoch: best keeps the first and stops at --patience 1; last runs every epoch.
+    still = ["--lr", "1e-12", "--body-lr", "0", "--freeze-batchnorm", "--ema-decay", "0"]
+    args = tiny_train_args(PHOTOS, tmp_path, "run", *still, "--keep", keep, epochs=3)
+    checkpoint = torch.load(run(parse_args([*args, "--patience", "1"])), weights_only=True)
+    with (tmp_path / "run" / "summary.csv").open() as rows:
+        assert len(list(csv.DictReader(rows))) == epochs_run
+    assert checkpoint["best_epoch"] == kept

@@ -81,7 +81,7 @@ def test_two_processes_train_one_run_the_converter_takes(tiny_data: Path, tmp_pa
     folder = tmp_path / "ddp" / "ddp"
     assert list((tmp_path / "ddp").rglob("summary.csv")) == [folder / "summary.csv"]
     assert "effective batch 16" in printed
-    assert "[rank 0/2] best epoch" in printed and "[rank 1/2] best epoch" not in printed
+    assert "[rank 0/2] kept epoch" in printed and "[rank 1/2] kept epoch" not in printed
     # Every rank logged the same figures, the images of both processes together.
     lines = EPOCH_LINE.findall(printed)
     by_rank = {rank: [ast.literal_eval(row) for r, _, row in lines if r == rank] for rank in "01"}

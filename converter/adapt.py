@@ -244,8 +244,15 @@ def run(
         replay = load_replay(replay_folder, base, labels, replay_per_label, config.seed).samples
     # The empty scene is a backdrop for the replay items, unless it is learnt as a label.
     backdrops = [] if NOT_AN_ITEM in keep else load_backdrops(data)
-    if backdrops and not replay:
-        logger.info("%d empty-scene photos left out: backdrops need --replay", len(backdrops))
+    if not replay:
+        # On the simulated sites, about 6 points of site accuracy (docs/site-adaptation.md).
+        logger.warning(
+            "no --replay: the base model's answers are distilled to keep what the site photos "
+            "lack, and the empty scene (%d photos) is left out; the base model's training "
+            "photos as --replay (for the default: TrashNet, a folder or garythung/trashnet) "
+            "adapt further",
+            len(backdrops),
+        )
     adapted = adapt(start, site, replay, config, bank, backdrops)
     return build_bundle(
         adapted, base, site, replay, out, calibration_count, max_drop, version, config.seed

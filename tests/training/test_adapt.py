@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -76,13 +77,37 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_site(tmp_path_factory.mktemp("site") / "photos")
 
 
+class Warnings(logging.Handler):
+    """The warnings a logger gave, as their messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def adapted_bundle(site: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def adapt_warnings() -> Warnings:
+    return Warnings()
+
+
+@pytest.fixture(scope="module")
+def adapted_bundle(
+    site: Path, tmp_path_factory: pytest.TempPathFactory, adapt_warnings: Warnings
+) -> Path:
+    """smartbin-adapt without --replay, from the default, on the site folder."""
     out = tmp_path_factory.mktemp("adapted") / "bundle"
-    main(
-        ["--data", str(site), "--out", str(out), "--steps", "2", "--views", "2"]
-        + ["--calibration-images", "8"]
-    )
+    logger = logging.getLogger("converter.adapt")
+    logger.addHandler(adapt_warnings)
+    try:
+        main(
+            ["--data", str(site), "--out", str(out), "--steps", "2", "--views", "2"]
+            + ["--calibration-images", "8"]
+        )
+    finally:
+        logger.removeHandler(adapt_warnings)
     return out
 
 
@@ -144,6 +169,13 @@ def test_adapted_bundle_loads_with_the_new_label_and_the_missing_ones(
         prepare(next((site / NEW_LABEL).glob("*.jpg")).read_bytes(), bundle.preprocessing)
     )
     assert probabilities.shape == (len(bundle.labels),)
+
+
+def test_adapting_without_replay_says_what_replay_adds(
+    adapted_bundle: Path, adapt_warnings: Warnings
+) -> None:
+    (said,) = [m for m in adapt_warnings.messages if "--replay" in m]
+    assert said.startswith("no --replay") and "the empty scene (1 photos) is left out" in said
 
 
 def test_adapted_bundle_went_through_the_parity_gate(adapted_bundle: Path) -> None:

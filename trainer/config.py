@@ -180,13 +180,17 @@ class TrainConfig(BaseModel):
                 f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs "
                 f"({self.epochs}): the learning rate would never decay"
             )
-        if self.backdrop_photos is not None and not self.backdrop_photos.is_dir():
-            raise ValueError(f"--backdrop-photos {self.backdrop_photos} is not a folder")
-        if self.backdrop_photos is not None and not photo_paths(self.backdrop_photos):
-            raise ValueError(f"--backdrop-photos {self.backdrop_photos} holds no photos")
-        if self.backdrop_photos is not None and not self.backgrounds:
-            raise ValueError("--backdrop-photos puts items on photos: give --backgrounds too")
+        if self.backdrop_photos is not None:
+            self._check_backdrop_photos(self.backdrop_photos)
         return self
+
+    def _check_backdrop_photos(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise ValueError(f"--backdrop-photos {folder} is not a folder")
+        if not photo_paths(folder):
+            raise ValueError(f"--backdrop-photos {folder} holds no photos")
+        if not self.backgrounds:
+            raise ValueError("--backdrop-photos puts items on photos: give --backgrounds too")
 
     @classmethod
     def from_sources(

@@ -255,10 +255,12 @@ def _percent(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.1%}" if key in row else "not converted"
 
 
-def table(rows: Sequence[dict[str, Any]]) -> str:
+def table(rows: Sequence[dict[str, Any]], side: str = "test") -> str:
+    """The rows as a Markdown table; ``side`` names the TrashNet photos they were measured on
+    (the rows' keys say ``test`` either way)."""
     lines = [
         "| site | labelled photos per category | site, float | site, int8 "
-        "| TrashNet test, float | TrashNet test, int8 |",
+        f"| TrashNet {side}, float | TrashNet {side}, int8 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -270,9 +272,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Site and TrashNet test accuracy against the photos per category: float lines, int8
-    points where the model was converted."""
+def plot(rows: Sequence[dict[str, Any]], path: Path, side: str = "test") -> None:
+    """Site and TrashNet accuracy (on its ``side`` photos) against the photos per category:
+    float lines, int8 points where the model was converted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +297,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 markersize=9,
             )
     ax.plot([], [], "k-", label="site photos (float)")
-    ax.plot([], [], "k--", label="TrashNet test photos (float)")
+    ax.plot([], [], "k--", label=f"TrashNet {side} photos (float)")
     ax.plot([], [], "kx", label="int8 bundle")
     ax.axhline(90, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("labelled site photos per category")
@@ -360,10 +362,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.results:
-        merged = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
-        print(table(merged))
+        results = [json.loads(path.read_text()) for path in args.results]
+        sides = sorted({r.get("measured_on", "test") for r in results})
+        if len(sides) > 1:
+            parser.error(
+                f"--results: these runs were measured on different sides ({', '.join(sides)}); "
+                "put side by side only runs of one --measure-on"
+            )
+        merged = [row for result in results for row in result["rows"]]
+        print(table(merged, sides[0]))
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(merged, args.out / "site-adaptation.png")
+        plot(merged, args.out / "site-adaptation.png", sides[0])
         return
     if args.data is None:
         parser.error("--data is required to measure (only --results needs none)")
@@ -404,8 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         result["measured_on"] = args.measure_on
         result["rows"] = rows
         (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(table(rows))
-    plot(rows, args.out / "site-adaptation.png")
+    print(table(rows, args.measure_on))
+    plot(rows, args.out / "site-adaptation.png", args.measure_on)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 from converter.site_sim import main
 
 
-def _results(path: Path, site: str, site_accuracy: float) -> Path:
+def _results(path: Path, site: str, site_accuracy: float, side: str | None = None) -> Path:
     rows = [
         {"site": site, "per_label": 0, "float_site": 0.5, "float_trashnet_test": 0.95},
         {
@@ -23,7 +23,10 @@ def _results(path: Path, site: str, site_accuracy: float) -> Path:
             "int8_trashnet_test": 0.93,
         },
     ]
-    path.write_text(json.dumps({"rows": rows}))
+    result: dict[str, object] = {"rows": rows}
+    if side is not None:  # results written before the side was recorded have none: test
+        result["measured_on"] = side
+    path.write_text(json.dumps(result))
     return path
 
 
@@ -36,7 +39,29 @@ def test_results_of_several_runs_make_one_table_and_plot(
     table = capsys.readouterr().out
     assert "| wood-tungsten | 25 | 87.5% | 86.5% | 94.0% | 93.0% |" in table
     assert "| tiles-daylight-far | 0 | 50.0% | not converted | 95.0% | not converted |" in table
+    assert "| TrashNet test, float | TrashNet test, int8 |" in table
     assert (tmp_path / "merged" / "site-adaptation.png").stat().st_size > 0
+
+
+def test_runs_measured_on_val_are_labelled_val(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wood = _results(tmp_path / "wood.json", "wood-tungsten", 0.875, side="val")
+    main(["--results", str(wood), "--out", str(tmp_path / "merged")])
+    table = capsys.readouterr().out
+    assert "| TrashNet val, float | TrashNet val, int8 |" in table
+    assert "TrashNet test" not in table
+
+
+def test_runs_measured_on_different_sides_are_not_put_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wood = _results(tmp_path / "wood.json", "wood-tungsten", 0.875, side="val")
+    tiles = _results(tmp_path / "tiles.json", "tiles-daylight-far", 0.8125, side="test")
+    with pytest.raises(SystemExit):
+        main(["--results", str(wood), str(tiles), "--out", str(tmp_path / "merged")])
+    assert "measured on different sides (test, val)" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_measuring_without_the_photos_says_what_is_missing(
